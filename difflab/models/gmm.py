@@ -1,0 +1,323 @@
+"""Gaussian-mixture test bed with exact scores, exact noised marginals and exact composite targets.
+
+A mixture p(x0) = sum_k w_k N(mu_k, diag(v_k)) noised by x_t = alpha x0 + sigma eps stays a mixture:
+q_t(x) = sum_k w_k N(alpha mu_k, diag(alpha^2 v_k + sigma^2)). Its posterior mean E[x0 | x_t] (the
+ideal data prediction, Tweedie's formula) is the responsibility-weighted per-component mean
+
+    E[x0 | x_t, k] = mu_k + alpha v_k / (alpha^2 v_k + sigma^2) * (x_t - alpha mu_k),
+
+so :class:`GMMDenoiser` answers like a trained diffusers UNet with the exact eps / x0 / v /
+velocity, and every sampler can be checked against exact probability-flow solutions.
+
+Classes are subsets of components; class ``n_classes`` is the null (unconditional) label, as in
+the digits models. Exact targets for later methods: :meth:`GaussianMixture.product` (closed form),
+and tempered p^beta or CFG-tilted p_u^(1-w) p_c^w densities on a grid (:class:`GridTarget`, 1-2-D).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers.utils import BaseOutput
+
+from ..schedule import NoiseSchedule, broadcast_to, canonical_prediction_type
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def _per_sample(coef: torch.Tensor | float, n: int) -> torch.Tensor:
+    coef = torch.as_tensor(coef, dtype=torch.float64).reshape(-1)
+    return coef.expand(n) if coef.numel() == 1 else coef
+
+
+class GaussianMixture:
+    """A mixture of Gaussians with diagonal covariances, optionally with classes.
+
+    Args:
+        means: (K, D) component means.
+        variances: (K, D), (K,) or scalar component variances.
+        weights: (K,) mixture weights (normalized here); uniform if omitted.
+        component_classes: (K,) class index of each component, or None for an unconditional mixture.
+    """
+
+    def __init__(
+        self,
+        means: torch.Tensor | Sequence,
+        variances: torch.Tensor | Sequence | float = 1.0,
+        weights: torch.Tensor | Sequence | None = None,
+        component_classes: torch.Tensor | Sequence[int] | None = None,
+    ):
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        if self.means.ndim != 2:
+            raise ValueError(f"means must have shape (K, D), got {tuple(self.means.shape)}.")
+        K, D = self.means.shape
+        var = torch.as_tensor(variances, dtype=torch.float64)
+        self.variances = (var.reshape(K, 1) if var.ndim == 1 else var).expand(K, D).clone()
+        if (self.variances <= 0).any():
+            raise ValueError("variances must be positive.")
+        w = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if w.shape != (K,) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights must be {K} non-negative numbers with a positive sum.")
+        self.weights = w / w.sum()
+        self.component_classes = None if component_classes is None else torch.as_tensor(component_classes, dtype=torch.long)
+        self.n_classes = 0 if self.component_classes is None else int(self.component_classes.max()) + 1
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def n_components(self) -> int:
+        return self.means.shape[0]
+
+    @classmethod
+    def random(
+        cls,
+        dim: int,
+        n_components: int = 8,
+        n_classes: int | None = None,
+        seed: int = 0,
+        mean_scale: float = 0.6,
+        std_range: tuple[float, float] = (0.08, 0.25),
+    ) -> GaussianMixture:
+        """A seeded random mixture with data roughly in [-1, 1] (the scale of image models)."""
+        g = torch.Generator().manual_seed(seed)
+        means = mean_scale * torch.randn(n_components, dim, generator=g, dtype=torch.float64)
+        lo, hi = std_range
+        stds = lo + (hi - lo) * torch.rand(n_components, dim, generator=g, dtype=torch.float64)
+        weights = 0.5 + torch.rand(n_components, generator=g, dtype=torch.float64)
+        classes = None if not n_classes else torch.arange(n_components) % n_classes
+        return cls(means, stds**2, weights, classes)
+
+    # ---------------------------------------------------------------- classes
+    def _log_weights(self, class_labels: torch.Tensor | Sequence[int] | int | None, n: int) -> torch.Tensor:
+        """(n, K) normalized log-weights per sample; the null label n_classes means unconditional."""
+        log_w = self.weights.log().expand(n, -1)
+        if class_labels is None:
+            return log_w
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        labels = labels.expand(n) if labels.numel() == 1 else labels
+        if self.component_classes is None:
+            raise ValueError("class_labels were given but this mixture has no classes; build it with component_classes.")
+        if ((labels < 0) | (labels > self.n_classes)).any():
+            raise ValueError(f"class labels must be in 0..{self.n_classes} ({self.n_classes} is the null class), got {labels.unique().tolist()}.")
+        member = self.component_classes[None, :] == labels[:, None]
+        member |= (labels == self.n_classes)[:, None]
+        log_w = torch.where(member, log_w, torch.full_like(log_w, -math.inf))
+        return log_w - torch.logsumexp(log_w, dim=1, keepdim=True)
+
+    def restrict(self, class_label: int) -> GaussianMixture:
+        """The mixture of one class (its components, renormalized weights)."""
+        if self.component_classes is None or class_label == self.n_classes:
+            return self
+        keep = self.component_classes == class_label
+        if not keep.any():
+            raise ValueError(f"class {class_label} has no components; classes are 0..{self.n_classes - 1}.")
+        return GaussianMixture(self.means[keep], self.variances[keep], self.weights[keep])
+
+    # ---------------------------------------------------------------- densities and sampling
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, class_labels: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """n exact samples (float64), optionally of given classes."""
+        log_w = self._log_weights(class_labels, n)
+        k = torch.multinomial(log_w.exp(), 1, generator=generator).squeeze(1)
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return self.means[k] + self.variances[k].sqrt() * z
+
+    def _component_log_probs(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, K) log N(x; alpha mu_k, alpha^2 v_k + sigma^2) and the (n, K, D) noised variances."""
+        a, s = alpha[:, None, None], sigma[:, None, None]
+        var_t = a * a * self.variances[None] + s * s
+        diff = x[:, None, :] - a * self.means[None]
+        logp = -0.5 * ((diff * diff) / var_t + var_t.log() + LOG_2PI).sum(-1)
+        return logp, var_t
+
+    def log_prob(
+        self,
+        x: torch.Tensor,
+        alpha: torch.Tensor | float = 1.0,
+        sigma: torch.Tensor | float = 0.0,
+        class_labels: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """log q_t(x) of the noised marginal (alpha = 1, sigma = 0 gives the data density)."""
+        x = x.reshape(x.shape[0], -1).to(torch.float64)
+        n = x.shape[0]
+        logp, _ = self._component_log_probs(x, _per_sample(alpha, n), _per_sample(sigma, n))
+        return torch.logsumexp(logp + self._log_weights(class_labels, n), dim=1)
+
+    def posterior_mean(
+        self,
+        x: torch.Tensor,
+        alpha: torch.Tensor | float,
+        sigma: torch.Tensor | float,
+        class_labels: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """E[x0 | x_t = x] (Tweedie), exact, for scalar or per-sample (alpha, sigma)."""
+        shape = x.shape
+        x = x.reshape(shape[0], -1).to(torch.float64)
+        n = x.shape[0]
+        alpha, sigma = _per_sample(alpha, n), _per_sample(sigma, n)
+        logp, var_t = self._component_log_probs(x, alpha, sigma)
+        resp = torch.softmax(logp + self._log_weights(class_labels, n), dim=1)
+        a = alpha[:, None, None]
+        cond_mean = self.means[None] + a * self.variances[None] / var_t * (x[:, None, :] - a * self.means[None])
+        return (resp[:, :, None] * cond_mean).sum(1).reshape(shape)
+
+    def score(
+        self,
+        x: torch.Tensor,
+        alpha: torch.Tensor | float = 1.0,
+        sigma: torch.Tensor | float = 0.0,
+        class_labels: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """grad_x log q_t(x) = (alpha E[x0|x] - x) / sigma^2, computed per component (valid at sigma = 0)."""
+        shape = x.shape
+        x = x.reshape(shape[0], -1).to(torch.float64)
+        n = x.shape[0]
+        alpha, sigma = _per_sample(alpha, n), _per_sample(sigma, n)
+        logp, var_t = self._component_log_probs(x, alpha, sigma)
+        resp = torch.softmax(logp + self._log_weights(class_labels, n), dim=1)
+        comp_score = -(x[:, None, :] - alpha[:, None, None] * self.means[None]) / var_t
+        return (resp[:, :, None] * comp_score).sum(1).reshape(shape)
+
+    # ---------------------------------------------------------------- exact composite targets
+    def product(self, other: GaussianMixture) -> GaussianMixture:
+        """The normalized product p(x) q(x), again a mixture (one component per pair)."""
+        if other.dim != self.dim:
+            raise ValueError(f"dimensions differ: {self.dim} vs {other.dim}.")
+        v1, v2 = self.variances[:, None], other.variances[None]
+        m1, m2 = self.means[:, None], other.means[None]
+        var = v1 * v2 / (v1 + v2)
+        mean = var * (m1 / v1 + m2 / v2)
+        # N(x; m1, v1) N(x; m2, v2) = N(m1; m2, v1 + v2) N(x; mean, var)
+        log_c = -0.5 * (((m1 - m2) ** 2) / (v1 + v2) + (v1 + v2).log() + LOG_2PI).sum(-1)
+        log_w = self.weights.log()[:, None] + other.weights.log()[None] + log_c
+        return GaussianMixture(mean.reshape(-1, self.dim), var.reshape(-1, self.dim), torch.softmax(log_w.reshape(-1), 0))
+
+    def tempered_on_grid(self, beta: float, bounds: tuple[float, float] | None = None, resolution: int = 400) -> GridTarget:
+        """p(x)^beta / Z on a grid (1-2-D), the target of annealed sampling."""
+        return GridTarget.from_log_density(lambda x: beta * self.log_prob(x), self.dim, bounds or self._bounds(), resolution)
+
+    def cfg_tilted_on_grid(
+        self, class_label: int, guidance_scale: float, bounds: tuple[float, float] | None = None, resolution: int = 400
+    ) -> GridTarget:
+        """p_u(x)^(1-w) p_c(x)^w / Z on a grid (1-2-D): the distribution CFG with scale w aims at."""
+        w = guidance_scale
+
+        def log_density(x: torch.Tensor) -> torch.Tensor:
+            return (1 - w) * self.log_prob(x) + w * self.log_prob(x, class_labels=class_label)
+
+        return GridTarget.from_log_density(log_density, self.dim, bounds or self._bounds(), resolution)
+
+    def _bounds(self, margin: float = 5.0) -> tuple[float, float]:
+        spread = margin * self.variances.sqrt().max()
+        return float(self.means.min() - spread), float(self.means.max() + spread)
+
+
+@dataclass
+class GridTarget:
+    """A density known up to a constant, tabulated on a regular 1-D or 2-D grid, with exact sampling."""
+
+    axes: list[torch.Tensor]
+    log_density: torch.Tensor  # normalized over cells: logsumexp(log_density) + log(cell volume) = 0
+
+    @classmethod
+    def from_log_density(
+        cls, fn: Callable[[torch.Tensor], torch.Tensor], dim: int, bounds: tuple[float, float], resolution: int
+    ) -> GridTarget:
+        if dim not in (1, 2):
+            raise ValueError(f"grid targets are for 1-D or 2-D mixtures, got dimension {dim}.")
+        lo, hi = bounds
+        edges = torch.linspace(lo, hi, resolution + 1, dtype=torch.float64)
+        centers = 0.5 * (edges[1:] + edges[:-1])
+        axes = [centers] * dim
+        points = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, dim)
+        logp = fn(points).reshape([resolution] * dim)
+        cell = ((hi - lo) / resolution) ** dim
+        logp = logp - torch.logsumexp(logp.reshape(-1), 0) - math.log(cell)
+        return cls(axes, logp)
+
+    @property
+    def cell_width(self) -> float:
+        return float(self.axes[0][1] - self.axes[0][0])
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Exact samples of the tabulated density (uniform within a cell)."""
+        probs = torch.softmax(self.log_density.reshape(-1), 0)
+        idx = torch.multinomial(probs, n, replacement=True, generator=generator)
+        res = self.axes[0].numel()
+        coords = [idx // res, idx % res] if len(self.axes) == 2 else [idx]
+        jitter = torch.rand(n, len(self.axes), generator=generator, dtype=torch.float64) - 0.5
+        return torch.stack([ax[c] for ax, c in zip(self.axes, coords)], dim=1) + jitter * self.cell_width
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-density at the grid cell containing each point (-inf outside the grid)."""
+        lo = float(self.axes[0][0]) - 0.5 * self.cell_width
+        idx = ((x - lo) / self.cell_width).floor().long()
+        res = self.axes[0].numel()
+        inside = ((idx >= 0) & (idx < res)).all(dim=1)
+        idx = idx.clamp(0, res - 1)
+        vals = self.log_density[tuple(idx.T)]
+        return torch.where(inside, vals, torch.full_like(vals, -math.inf))
+
+
+@dataclass
+class DenoiserOutput(BaseOutput):
+    """Output of :class:`GMMDenoiser`, shaped like diffusers' ``UNet2DOutput``."""
+
+    sample: torch.Tensor
+
+
+class GMMDenoiser(torch.nn.Module):
+    """The exact denoiser of a :class:`GaussianMixture`, called like a diffusers UNet.
+
+    ``model(sample, timestep, class_labels=None).sample`` returns the exact eps, x0, v or flow
+    velocity at diffusers timesteps of ``schedule`` (scalar or per-sample). ``sample`` may have any
+    shape (B, ...) whose trailing dimensions flatten to the mixture dimension. ``calls`` and
+    ``rows`` count forward calls and evaluated batch rows.
+    """
+
+    def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule, prediction_type: str = "epsilon"):
+        super().__init__()
+        self.mixture = mixture
+        self.schedule = schedule
+        self.prediction_type = canonical_prediction_type(prediction_type)
+        if (schedule.kind == "flow") != (self.prediction_type == "flow_prediction"):
+            raise ValueError(f"prediction_type {prediction_type!r} does not fit a {schedule.kind} schedule.")
+        self.register_buffer("_device_anchor", torch.zeros(()), persistent=False)
+        self.calls = 0
+        self.rows = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self._device_anchor.device
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **unused: object,
+    ) -> DenoiserOutput | tuple[torch.Tensor]:
+        n = sample.shape[0]
+        self.calls += 1
+        self.rows += n
+        t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1).cpu()
+        t = t.expand(n) if t.numel() == 1 else t
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        x = sample.detach().to("cpu", torch.float64).reshape(n, -1)
+        labels = None if class_labels is None else torch.as_tensor(class_labels).reshape(-1).cpu()
+        x0 = self.mixture.posterior_mean(x, alpha, sigma, labels)
+        eps = (x - broadcast_to(alpha, x) * x0) / broadcast_to(sigma, x)
+        out = self.schedule.from_x0_eps(x0, eps, alpha, sigma, self.prediction_type)
+        out = out.reshape(sample.shape).to(device=sample.device, dtype=sample.dtype)
+        return DenoiserOutput(sample=out) if return_dict else (out,)

@@ -1,0 +1,71 @@
+"""diffusers-compatible schedulers and particle samplers.
+
+``SCHEDULERS`` maps a short name to every difflab scheduler class; the conformance suite and the
+benchmarks iterate over it, so a scheduler registered here is tested and benchmarked everywhere.
+"""
+
+from .base import COMMON_CONFIG, DifflabScheduler, SchedulerOutput, StepState, scheduler_config
+from .first_order import EulerDDIMScheduler
+
+SCHEDULERS: dict[str, type[DifflabScheduler]] = {
+    "euler-ddim": EulerDDIMScheduler,
+}
+
+# diffusers schedulers reachable by a short name from the CLI and the benchmarks
+DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": True}),
+    "ddpm": ("DDPMScheduler", {"clip_sample": False}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"solver_order": 2}),
+    "dpm++3m": ("DPMSolverMultistepScheduler", {"solver_order": 3}),
+    "unipc": ("UniPCMultistepScheduler", {"solver_order": 2, "solver_type": "bh2"}),
+    "deis": ("DEISMultistepScheduler", {"solver_order": 2}),
+    "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+}
+
+
+def scheduler_names() -> list[str]:
+    return sorted(SCHEDULERS) + sorted(DIFFUSERS_SCHEDULERS)
+
+
+def get_scheduler(name: str, config: dict | None = None):
+    """A scheduler by short name (difflab or diffusers) or class name, configured from ``config``.
+
+    ``config`` is another scheduler's config (for example ``pipe.scheduler.config``), so the noise
+    schedule of the model is kept, as with diffusers' ``from_config``.
+    """
+    import diffusers
+
+    config = dict(config or {})
+    if name in SCHEDULERS:
+        return SCHEDULERS[name].from_config(config)
+    for cls in SCHEDULERS.values():
+        if cls.__name__ == name:
+            return cls.from_config(config)
+    if name in DIFFUSERS_SCHEDULERS:
+        cls_name, overrides = DIFFUSERS_SCHEDULERS[name]
+        cls = getattr(diffusers, cls_name)
+        if cls_name.startswith("FlowMatch"):
+            return cls.from_config(config, **overrides)
+        if "FlowMatch" in str(config.get("_class_name", "")) or config.get("prediction_type") == "flow_prediction":
+            overrides = {**overrides, "prediction_type": "flow_prediction", "use_flow_sigmas": True,
+                         "flow_shift": config.get("shift", 1.0)}
+        return cls.from_config(config, **overrides)
+    if hasattr(diffusers, name) and name.endswith("Scheduler"):
+        return getattr(diffusers, name).from_config(config)
+    raise ValueError(f"Unknown scheduler {name!r}; use one of {scheduler_names()} or a diffusers scheduler class name.")
+
+
+__all__ = [
+    "COMMON_CONFIG",
+    "DIFFUSERS_SCHEDULERS",
+    "DifflabScheduler",
+    "EulerDDIMScheduler",
+    "SCHEDULERS",
+    "SchedulerOutput",
+    "StepState",
+    "get_scheduler",
+    "scheduler_config",
+    "scheduler_names",
+]

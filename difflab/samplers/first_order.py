@@ -1,0 +1,25 @@
+"""First-order exponential-integrator scheduler: DDIM (eta = 0) for VP models, Euler for flow models.
+
+DDIM (Song et al. 2021, eq. 12 with eta = 0) re-noises the current data prediction with the
+current noise prediction at the next noise level:
+
+    x_{t'} = alpha_{t'} * x0_hat(x_t) + sigma_{t'} * eps_hat(x_t).
+
+This is the first-order DPM-Solver step (Lu et al. 2022, eq. 3.7) and, for rectified-flow
+schedules (alpha = 1 - s, sigma = s), exactly the Euler step x + (s' - s) * (eps_hat - x0_hat).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import DifflabScheduler, StepState
+
+
+class EulerDDIMScheduler(DifflabScheduler):
+    """DDIM for epsilon / v / x0 models and Euler for flow-matching models, one model call per step."""
+
+    history_size = 0
+
+    def update(self, state: StepState) -> torch.Tensor:
+        return state.alpha_next * state.x0 + state.sigma_next * state.eps
