@@ -51,6 +51,7 @@ def get_scheduler(name: str, config: dict | None = None):
         if "FlowMatch" in str(config.get("_class_name", "")) or config.get("prediction_type") == "flow_prediction":
             overrides = {**overrides, "prediction_type": "flow_prediction", "use_flow_sigmas": True,
                          "flow_shift": config.get("shift", 1.0)}
+            config = {"num_train_timesteps": config.get("num_train_timesteps", 1000)}
         return cls.from_config(config, **overrides)
     if hasattr(diffusers, name) and name.endswith("Scheduler"):
         return getattr(diffusers, name).from_config(config)

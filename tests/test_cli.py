@@ -1,0 +1,44 @@
+"""The command line: help, the Gaussian-mixture sampler picture, the sampler benchmark, errors."""
+
+import subprocess
+import sys
+
+import pytest
+
+from difflab.cli import main
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "sample" in out and "bench" in out
+
+
+def test_bench_samplers_quick_table(tmp_path, capsys):
+    main(["bench", "samplers", "--quick", "--out", str(tmp_path / "samplers.md")])
+    out = capsys.readouterr().out
+    for name in ("DDIM", "DPM-Solver++ 2M", "UniPC", "difflab euler-ddim"):
+        assert f"| {name} |" in out
+    assert "NFE 5" in out and "NFE 10" in out
+    doc = (tmp_path / "samplers.md").read_text()
+    assert "Command:" in doc and (tmp_path / "samplers.png").exists()
+
+
+def test_unknown_scheduler_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--model", "gmm", "--scheduler", "nope", "--out", "x.png"])
+    assert exit_info.value.code == 2
+    assert "use one of" in capsys.readouterr().err
+
+
+def test_import_without_torchvision():
+    """difflab and every subpackage but difflab.eval import with torchvision unavailable."""
+    code = (
+        "import sys; sys.modules['torchvision'] = None\n"
+        "import difflab, difflab.schedule, difflab.samplers, difflab.models, difflab.models.gmm, difflab.cli\n"
+        "import difflab.benchmarks.samplers\n"
+        "assert 'torchvision' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
