@@ -163,17 +163,22 @@ def plot(results: list[Result], path: Path) -> bool:
     keys = list(dict.fromkeys((r.setting, r.dim) for r in results))
     cols = min(3, len(keys))
     fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(5 * cols, 3.8 * math.ceil(len(keys) / cols)), squeeze=False)
+    names = list(dict.fromkeys(r.scheduler for r in results if r.scheduler != "exact ODE"))
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}  # one color per scheduler
     for ax, key in zip(axes.flat, keys):
         rows = [r for r in results if (r.setting, r.dim) == key and r.scheduler != "exact ODE"]
         for name in dict.fromkeys(r.scheduler for r in rows):
             pts = sorted((r.nfe, r.rmse) for r in rows if r.scheduler == name)
-            ax.plot(*zip(*pts), marker="o", ms=3, label=name, ls="--" if name.startswith("difflab") else "-")
+            ax.plot(*zip(*pts), marker="o", ms=3, label=name, color=colors[name],
+                    ls="--" if name.startswith("difflab") else "-")
         ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="RMSE vs exact ODE", title=f"{key[0]}, dim {key[1]}")
         ax.grid(alpha=0.3, which="both")
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=colors[n], marker="o", ms=3, ls="--" if n.startswith("difflab") else "-")
+               for n in names]
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 5), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
