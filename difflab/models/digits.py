@@ -271,7 +271,7 @@ class DigitsPipeline(DiffusionPipeline):
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for these labels.")
         self._set_timesteps(num_inference_steps, timesteps, sigmas, device)
-        x = latents.to(device=device, dtype=self.unet.dtype) * self.scheduler.init_noise_sigma
+        x = latents.to(device=device, dtype=self.unet.dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
         accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         step_kwargs = {"generator": generator} if accepts_generator else {}
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):

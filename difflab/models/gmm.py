@@ -332,6 +332,7 @@ def probability_flow_ode(
     rtol: float = 1e-9,
     atol: float = 1e-9,
     t_end: float = 0.0,
+    denoise: bool = True,
 ) -> torch.Tensor:
     """High-accuracy solution of the probability-flow ODE from x_start at timestep t_start, denoised.
 
@@ -340,7 +341,8 @@ def probability_flow_ode(
     with tau = sigma/alpha and x scaled by 1/alpha for VP schedules (Karras et al. 2022, eq. 4), and
     tau = s for flow schedules. It is integrated to timestep ``t_end`` (default 0: the least noisy
     level a VP model is trained on; flow schedules go on to sigma = 1e-6) and finished with the exact
-    posterior mean, the final "jump to clean" that diffusers samplers make with final_sigmas_type="zero".
+    posterior mean, the final "jump to clean" that diffusers samplers make with final_sigmas_type="zero"
+    (``denoise=False`` returns the noisy solution at ``t_end`` instead).
     """
     from scipy.integrate import solve_ivp
 
@@ -376,4 +378,6 @@ def probability_flow_ode(
     y_end = torch.from_numpy(sol.y[:, -1]).reshape(n, -1)
     a, s, _, _ = coefs(tau1)
     x_end = a * y_end if scale_in else y_end
+    if not denoise:
+        return x_end.reshape(shape)
     return mixture.posterior_mean(x_end, a, s, class_labels).reshape(shape)

@@ -6,9 +6,14 @@ benchmarks iterate over it, so a scheduler registered here is tested and benchma
 
 from .base import COMMON_CONFIG, DifflabScheduler, SchedulerOutput, StepState, scheduler_config
 from .first_order import EulerDDIMScheduler
+from .momentum import DPMSolverHBScheduler, GHVBScheduler, PLMSHBScheduler, UniPCHBScheduler
 
 SCHEDULERS: dict[str, type[DifflabScheduler]] = {
     "euler-ddim": EulerDDIMScheduler,
+    "plms-hb": PLMSHBScheduler,
+    "ghvb": GHVBScheduler,
+    "dpm-hb": DPMSolverHBScheduler,
+    "unipc-hb": UniPCHBScheduler,
 }
 
 # diffusers schedulers reachable by a short name from the CLI and the benchmarks
@@ -61,8 +66,12 @@ def get_scheduler(name: str, config: dict | None = None):
 __all__ = [
     "COMMON_CONFIG",
     "DIFFUSERS_SCHEDULERS",
+    "DPMSolverHBScheduler",
     "DifflabScheduler",
     "EulerDDIMScheduler",
+    "GHVBScheduler",
+    "PLMSHBScheduler",
+    "UniPCHBScheduler",
     "SCHEDULERS",
     "SchedulerOutput",
     "StepState",

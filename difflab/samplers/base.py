@@ -4,7 +4,8 @@
 ``set_timesteps``, step index / begin index, history reset, ``add_noise`` / ``scale_noise``,
 model-output conversion, ``generator=`` in ``step``, float32 math cast back to the input dtype).
 A method subclass supplies only :meth:`DifflabScheduler.update`, the rule that maps the current
-sample and the converted model output (and the history of earlier outputs) to the next sample.
+sample and the converted model output (and the history of earlier outputs) to the next sample,
+written as ``x_next = c * x + d``: ``c`` a number, ``d`` the model-dependent increment.
 
 Every scheduler works in the ``x_t = alpha_t x0 + sigma_t eps`` parameterization of its
 :class:`~difflab.schedule.NoiseSchedule`, so ``init_noise_sigma = 1`` and ``scale_model_input``
@@ -107,6 +108,7 @@ class StepState:
     sigma_next: float
     lam_next: float
     generator: torch.Generator | list[torch.Generator] | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample state to keep in the history
 
 
 @dataclass
@@ -327,7 +329,8 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
         if i >= self.num_inference_steps:
             raise RuntimeError(f"All {self.num_inference_steps} steps have been taken; call set_timesteps() again.")
         state = self._make_state(model_output, sample, i, generator)
-        prev = self.update(state)
+        coef, increment = self.update(state)
+        prev = coef * state.sample + increment
         self.history.append(self._history_entry(state))
         del self.history[: max(0, len(self.history) - self.history_size)]
         self._step_index += 1
@@ -355,10 +358,16 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
         )
 
     def _history_entry(self, state: StepState) -> HistoryEntry:
-        return HistoryEntry(index=state.index, lam=state.lam, x0=state.x0, eps=state.eps, sample=state.sample)
+        return HistoryEntry(index=state.index, lam=state.lam, x0=state.x0, eps=state.eps, sample=state.sample,
+                            extra=dict(state.extra))
 
-    def update(self, state: StepState) -> torch.Tensor:
-        """The method's update rule: next sample from the current state and ``self.history``."""
+    def update(self, state: StepState) -> tuple[float, torch.Tensor]:
+        """The method's update rule ``x_next = c * state.sample + d``; returns ``(c, d)``.
+
+        ``self.history`` holds earlier evaluations (oldest first). A method may replace
+        ``state.sample`` (a corrector does) and put per-sample tensors in ``state.extra``; both are
+        stored in the history entry of this step.
+        """
         raise NotImplementedError
 
     @property

@@ -21,5 +21,7 @@ class EulerDDIMScheduler(DifflabScheduler):
 
     history_size = 0
 
-    def update(self, state: StepState) -> torch.Tensor:
-        return state.alpha_next * state.x0 + state.sigma_next * state.eps
+    def update(self, state: StepState) -> tuple[float, torch.Tensor]:
+        # x' = alpha' x0 + sigma' eps = (sigma'/sigma) x + (alpha' - alpha sigma'/sigma) x0  (DPM-Solver++-1)
+        ratio = state.sigma_next / state.sigma
+        return ratio, (state.alpha_next - state.alpha * ratio) * state.x0
