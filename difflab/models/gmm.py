@@ -28,6 +28,15 @@ from ..schedule import NoiseSchedule, broadcast_to, canonical_prediction_type
 LOG_2PI = math.log(2 * math.pi)
 
 
+def _responsibilities(logits: torch.Tensor) -> torch.Tensor:
+    """softmax over components; shifted logits are clamped at -600 so exp() never produces slow
+    denormal floats (the clamped weights are below 1e-260); masked (-inf) components stay zero."""
+    shifted = logits - logits.amax(dim=1, keepdim=True)
+    shifted = torch.where(torch.isfinite(shifted), shifted.clamp(min=-600.0), shifted)
+    weights = shifted.exp()
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
 def _per_sample(coef: torch.Tensor | float, n: int) -> torch.Tensor:
     coef = torch.as_tensor(coef, dtype=torch.float64).reshape(-1)
     return coef.expand(n) if coef.numel() == 1 else coef
@@ -162,7 +171,7 @@ class GaussianMixture:
         n = x.shape[0]
         alpha, sigma = _per_sample(alpha, n), _per_sample(sigma, n)
         logp, var_t = self._component_log_probs(x, alpha, sigma)
-        resp = torch.softmax(logp + self._log_weights(class_labels, n), dim=1)
+        resp = _responsibilities(logp + self._log_weights(class_labels, n))
         a = alpha[:, None, None]
         cond_mean = self.means[None] + a * self.variances[None] / var_t * (x[:, None, :] - a * self.means[None])
         return (resp[:, :, None] * cond_mean).sum(1).reshape(shape)
@@ -180,7 +189,7 @@ class GaussianMixture:
         n = x.shape[0]
         alpha, sigma = _per_sample(alpha, n), _per_sample(sigma, n)
         logp, var_t = self._component_log_probs(x, alpha, sigma)
-        resp = torch.softmax(logp + self._log_weights(class_labels, n), dim=1)
+        resp = _responsibilities(logp + self._log_weights(class_labels, n))
         comp_score = -(x[:, None, :] - alpha[:, None, None] * self.means[None]) / var_t
         return (resp[:, :, None] * comp_score).sum(1).reshape(shape)
 

@@ -1,0 +1,13 @@
+"""Test-wide settings: no network, one CPU thread.
+
+The suite works on tiny tensors, where OpenMP threads only add synchronization; with a second
+busy process on a 2-core machine, multi-threaded tiny ops spin-wait for milliseconds each.
+"""
+
+import os
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+torch.set_num_threads(1)
