@@ -6,6 +6,7 @@ benchmarks iterate over it, so a scheduler registered here is tested and benchma
 
 from .base import COMMON_CONFIG, DifflabScheduler, SchedulerOutput, StepState, scheduler_config
 from .first_order import EulerDDIMScheduler
+from .lml import LMLScheduler, lml_correct
 from .momentum import DPMSolverHBScheduler, GHVBScheduler, PLMSHBScheduler, UniPCHBScheduler
 
 SCHEDULERS: dict[str, type[DifflabScheduler]] = {
@@ -14,6 +15,7 @@ SCHEDULERS: dict[str, type[DifflabScheduler]] = {
     "ghvb": GHVBScheduler,
     "dpm-hb": DPMSolverHBScheduler,
     "unipc-hb": UniPCHBScheduler,
+    "lml": LMLScheduler,
 }
 
 # diffusers schedulers reachable by a short name from the CLI and the benchmarks
@@ -70,12 +72,14 @@ __all__ = [
     "DifflabScheduler",
     "EulerDDIMScheduler",
     "GHVBScheduler",
+    "LMLScheduler",
     "PLMSHBScheduler",
     "UniPCHBScheduler",
     "SCHEDULERS",
     "SchedulerOutput",
     "StepState",
     "get_scheduler",
+    "lml_correct",
     "scheduler_config",
     "scheduler_names",
 ]

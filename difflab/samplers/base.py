@@ -59,6 +59,10 @@ COMMON_CONFIG: dict[str, Any] = {
     "max_image_seq_len": 4096,
     "time_shift_type": "exponential",
     "shift_terminal": None,
+    # Levenberg-Marquardt-Langevin correction of the increment d (samplers/lml.py); None = off
+    "lml_lambda": None,
+    "lml_kappa": 0.0,
+    "lml_scale_free": False,
 }
 
 
@@ -155,6 +159,9 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
         self.noise_schedule = NoiseSchedule.from_config(dict(self.config))
         self.is_flow = self.noise_schedule.kind == "flow"  # prediction_type 'flow_prediction' selects it
         self.spacing = self._resolve_spacing()
+        from .lml import check_lml_config  # lml.py builds on this module
+
+        check_lml_config(self.config.lml_lambda, self.config.lml_kappa)
         self.init_noise_sigma = 1.0
         if not self.is_flow:
             self.alphas_cumprod = self.noise_schedule.alphas_cumprod.float()
@@ -196,6 +203,7 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self.history: list[HistoryEntry] = []
+        self._lml_previous: torch.Tensor | None = None
         self.nfe = 0
 
     @property
@@ -215,6 +223,8 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
         """Reorder every piece of per-sample state (particle resampling)."""
         for entry in self.history:
             entry.reindex(indices)
+        if self._lml_previous is not None:
+            self._lml_previous = self._lml_previous[indices]
 
     # ------------------------------------------------------------------ timesteps
     def set_timesteps(
@@ -330,6 +340,8 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
             raise RuntimeError(f"All {self.num_inference_steps} steps have been taken; call set_timesteps() again.")
         state = self._make_state(model_output, sample, i, generator)
         coef, increment = self.update(state)
+        if self.config.lml_lambda is not None:
+            increment = self._apply_lml(increment)
         prev = coef * state.sample + increment
         self.history.append(self._history_entry(state))
         del self.history[: max(0, len(self.history) - self.history_size)]
@@ -356,6 +368,15 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
             alpha_next=float(self._alphas[i + 1]), sigma_next=float(self._sigmas[i + 1]),
             lam_next=float(self._lambdas[i + 1]), generator=generator,
         )
+
+    def _apply_lml(self, increment: torch.Tensor) -> torch.Tensor:
+        """LML-correct the increment (no extra model call); remembers the raw one for the next step."""
+        from .lml import lml_correct
+
+        cfg = self.config
+        corrected = lml_correct(increment, self._lml_previous, cfg.lml_lambda, cfg.lml_kappa, cfg.lml_scale_free)
+        self._lml_previous = increment
+        return corrected
 
     def _history_entry(self, state: StepState) -> HistoryEntry:
         return HistoryEntry(index=state.index, lam=state.lam, x0=state.x0, eps=state.eps, sample=state.sample,
