@@ -3,36 +3,62 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
+
+BENCHMARKS = {
+    "samplers": ("difflab.benchmarks.samplers", "quality versus NFE on the exact Gaussian mixture"),
+    "stability": ("difflab.benchmarks.stability", "divergence at high guidance, with and without momentum"),
+    "lml": ("difflab.benchmarks.lml", "LML (lambda, kappa) sweep against the base solver"),
+}
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="run a benchmark and write its table under docs/benchmarks/")
     which = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    samplers = which.add_parser("samplers", help="quality versus NFE on the exact Gaussian mixture")
-    from .benchmarks import samplers as samplers_bench
-
-    samplers_bench.add_arguments(samplers)
-    samplers.set_defaults(func=lambda args: samplers_bench.run(args, sys.argv[3:]))
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        module = importlib.import_module(module_name)
+        parser = which.add_parser(name, help=help_text, description=module.__doc__.split("\n")[0])
+        module.add_arguments(parser)
+        parser.set_defaults(func=lambda args, module=module: module.run(args, sys.argv[3:]))
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
-    sample = sub.add_parser("sample", help="sample a built-in model and write a picture")
-    sample.add_argument("--model", default="gmm", help="built-in model name (gmm)")
-    sample.add_argument("--scheduler", default="euler-ddim", help="difflab or diffusers scheduler name")
+    sample = sub.add_parser("sample", help="sample a built-in model (or a local pipeline directory) into a PNG grid")
+    sample.add_argument("--model", default="digits-ddpm",
+                        help="digits-ddpm, digits-flow, gmm (2-D mixture scatter plot) or a local DigitsPipeline directory")
+    sample.add_argument("--scheduler", default=None,
+                        help="difflab or diffusers scheduler name (default: the model's own; see README)")
     sample.add_argument("--steps", type=int, default=20)
-    sample.add_argument("--num-samples", type=int, default=2000)
+    sample.add_argument("--guidance-scale", type=float, default=2.0)
+    sample.add_argument("--classes", type=int, nargs="+", default=list(range(10)), help="digit classes, one grid row each")
+    sample.add_argument("--num-per-class", type=int, default=8)
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--out", type=Path, default=Path("samples.png"))
+    sample.add_argument("--out", type=Path, default=Path("grid.png"))
     sample.set_defaults(func=_sample)
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from .sampling import sample_gmm_scatter
+    from . import sampling
 
-    path = sample_gmm_scatter(args.scheduler, args.steps, args.num_samples, args.seed, args.out)
+    if args.model == "gmm":
+        path = sampling.sample_gmm_scatter(args.scheduler or "euler-ddim", args.steps, 2000, args.seed, args.out)
+    else:
+        path = sampling.sample_digits_grid(args.model, args.scheduler, args.steps, args.guidance_scale, args.classes,
+                                           args.num_per_class, args.seed, args.out)
     print(f"wrote {path}")
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    models = sub.add_parser("models", help="train the built-in models")
+    which = models.add_subparsers(dest="models", required=True, metavar="ACTION")
+    from .models import train_digits
+
+    train = which.add_parser("train-digits", help="train digits-ddpm, digits-flow or digits-classifier (accelerate)",
+                             description=(train_digits.__doc__ or "").split("\n")[0])
+    train_digits.add_arguments(train)
+    train.set_defaults(func=train_digits.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_sample(sub)
     _add_bench(sub)
+    _add_models(sub)
     return parser
 
 
@@ -55,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # user errors: a message, not a traceback
+    except (ValueError, FileNotFoundError, KeyError) as err:  # user errors: a message, not a traceback
         parser.exit(2, f"difflab {args.command}: error: {err}\n")
 
 

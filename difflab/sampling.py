@@ -44,3 +44,29 @@ def sample_gmm_scatter(scheduler_name: str, steps: int, num_samples: int, seed: 
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def sample_digits_grid(
+    model: str,
+    scheduler_name: str | None,
+    steps: int,
+    guidance_scale: float,
+    classes: list[int],
+    num_per_class: int,
+    seed: int,
+    out: Path,
+) -> Path:
+    """Sample a digits pipeline (built-in name or local directory) and save a labelled grid, one row per class."""
+    from .models import load
+    from .models.digits import make_grid
+
+    pipe = load(model)
+    if scheduler_name is not None:
+        pipe.scheduler = get_scheduler(scheduler_name, pipe.scheduler.config)
+    labels = torch.tensor(classes).repeat_interleave(num_per_class)
+    images = pipe(class_labels=labels, guidance_scale=guidance_scale, num_inference_steps=steps,
+                  generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images, nrow=num_per_class, labels=[str(c) for c in classes]).save(out)
+    return out

@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import (
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
 
 from difflab.schedule import PREDICTION_TYPES, NoiseSchedule
 

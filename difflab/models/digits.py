@@ -258,10 +258,11 @@ class DigitsPipeline(DiffusionPipeline):
         """Sample digits of ``class_labels`` (int, list or tensor; None = unconditional).
 
         Returns ``ImagePipelineOutput(images)``: a list of grayscale PIL images ("pil"), an array
-        (B, 16, 16, 1) in [0, 1] ("np"), or a tensor (B, 1, 16, 16) in [0, 1] ("pt").
+        (B, 16, 16, 1) in [0, 1] ("np"), a tensor (B, 1, 16, 16) in [0, 1] ("pt"), or the raw
+        model-space samples (B, 1, 16, 16), nominally in [-1, 1] but not clipped ("latent").
         """
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type {output_type!r} is not supported; use 'pil', 'np' or 'pt'.")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type {output_type!r} is not supported; use 'pil', 'np', 'pt' or 'latent'.")
         device = self._execution_device
         labels = _labels_tensor(class_labels, num_images_per_label).to(device)
         null = torch.full_like(labels, NULL_CLASS)
@@ -280,7 +281,7 @@ class DigitsPipeline(DiffusionPipeline):
                 raise FloatingPointError(f"The model output contains NaN/inf at step {i} (timestep {float(t)}).")
             x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
         self.maybe_free_model_hooks()
-        images = _postprocess(x, output_type)
+        images = x if output_type == "latent" else _postprocess(x, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
