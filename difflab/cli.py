@@ -11,6 +11,7 @@ BENCHMARKS = {
     "samplers": ("difflab.benchmarks.samplers", "quality versus NFE on the exact Gaussian mixture"),
     "stability": ("difflab.benchmarks.stability", "divergence at high guidance, with and without momentum"),
     "lml": ("difflab.benchmarks.lml", "LML (lambda, kappa) sweep against the base solver"),
+    "digits": ("difflab.benchmarks.digits", "class accuracy and FD-digits of the built-in digits models"),
 }
 
 

@@ -42,3 +42,13 @@ def test_import_without_torchvision():
         "assert 'torchvision' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bench_stability_and_lml_smoke(tmp_path, capsys):
+    main(["bench", "stability", "--digits-per-class", "0", "--scales", "10", "--steps", "8", "--mixture-dims", "2",
+          "--num-samples", "64", "--out", str(tmp_path / "stability.md")])
+    main(["bench", "lml", "--digits-models", "--mixture-dims", "4", "--num-samples", "32", "--out", str(tmp_path / "lml.md")])
+    out = capsys.readouterr().out
+    assert "| 10 | 8 |" in out and "PLMS-4 + HB 0.8" in out
+    assert "scale-free lambda 3, kappa 0.2" in out and "not measured" in out
+    assert "Command:" in (tmp_path / "stability.md").read_text()
