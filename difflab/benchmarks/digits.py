@@ -9,12 +9,13 @@ For each model, 50 samples per class (500) with its reference sampler (DPM-Solve
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from .report import bench_main, write_report
 
 MODELS = {"digits-ddpm": "dpm++2m", "digits-flow": "flow-euler"}
 
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
     start = time.time()
     labels = torch.arange(10).repeat_interleave(args.per_class)
     floor = noise_floor(len(labels))
-    lines = [f"| model | sampler | steps | guidance | class accuracy | FD-digits | FD / floor | sampling s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | sampler | steps | guidance | class accuracy | FD-digits | FD / floor | sampling s |", "|---|---|---|---|---|---|---|---|"]
     grids = []
     with tqdm(total=len(args.models) * len(args.steps) * len(args.guidance), desc="digits", unit="run") as progress:
         for name in args.models:
@@ -60,21 +61,15 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
                         grids.append((name, grid_path.name))
                     progress.update(1)
     table = "\n".join(lines)
-    command = "python bench/digits.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = ["# Built-in digits models\n", f"Command: `{command.strip()}` ({time.time() - start:.0f} s on 2 CPU cores).\n",
-            __doc__.split("\n\n", 1)[1].strip() + "\n", f"Noise floor (real vs real, 500 samples): **{floor:.2f}**.\n", table + "\n"]
-    text += [f"{name}, 20 steps, guidance 2 (rows = classes 0-9):\n\n![{name}]({png})\n" for name, png in grids]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(text))
+    body = f"Noise floor (real vs real, {len(labels)} samples): **{floor:.2f}**.\n\n" + table + "\n\n"
+    body += "\n".join(f"{name}, 20 steps, guidance 2 (rows = classes 0-9):\n\n![{name}]({png})\n" for name, png in grids)
+    write_report(args.out, "Built-in digits models", "digits", argv, time.time() - start, __doc__.split("\n\n", 1)[1], body)
     print(table)
-    print(f"noise floor {floor:.2f}; wrote {args.out}")
     return table
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    run(parser.parse_args(argv), argv)
+    bench_main(__doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

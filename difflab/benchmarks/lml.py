@@ -11,7 +11,6 @@ setting qualifies the table says so. One setting for all NFEs: no per-NFE tuning
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tqdm.auto import tqdm
 from ..models.gmm import GaussianMixture, GMMDenoiser, probability_flow_ode
 from ..samplers import LMLScheduler
 from ..schedule import NoiseSchedule
+from .report import bench_main, write_report
 
 NFES = (5, 6, 8, 10, 20)
 SWEEP: list[tuple[float, float, bool]] = (
@@ -135,20 +135,13 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
         "on the digits models measured here; the full sweep is above.")
     text += verdict
     print(text)
-    command = "python bench/lml.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    header = ["# LML: damping and EMA weight against the base solver\n",
-              f"Command: `{command.strip()}` ({time.time() - start:.0f} s on 2 CPU cores).\n",
-              __doc__.split("\n\n", 1)[1].strip() + "\n"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(header) + text + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, "LML: damping and EMA weight against the base solver", "lml", argv, time.time() - start,
+                 __doc__.split("\n\n", 1)[1], text)
     return text
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    run(parser.parse_args(argv), argv)
+    bench_main(__doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..models.gmm import GaussianMixture, GMMDenoiser, probability_flow_ode
 from ..samplers import SCHEDULERS
 from ..schedule import NoiseSchedule
+from .report import bench_main, write_report
 
 SETTINGS = {
     "vp-scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
@@ -213,31 +214,23 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
     print(f"\n{len(results)} runs in {elapsed:.1f} s")
     out = args.out if args.out is not None else (None if args.quick else Path("docs/benchmarks/samplers.md"))
     if out is not None:
-        command = "python bench/samplers.py " + " ".join(argv if argv is not None else sys.argv[1:])
         png = out.with_suffix(".png")
-        has_plot = plot(results, png)
-        header = [
-            "# Samplers on the Gaussian mixture: quality versus NFE\n",
-            f"Command: `{command.strip()}` ({elapsed:.0f} s on 2 CPU cores).\n",
+        intro = (
             f"Mixture: 8 components, diagonal covariances, seed {args.seed}; {args.num_samples} samples from the same "
             "starting noise at the largest training timestep. Each scheduler is driven as a diffusers pipeline drives it "
             "(its default `linspace` spacing, `init_noise_sigma`, `scale_model_input`). The reference is the probability-"
             "flow ODE solved with DOP853 (rtol 1e-9) down to timestep 0 and finished with the exact posterior mean. "
-            "A cell `x (n)` used n model calls where the budget could not be met exactly (Heun: 2 per step but the last).\n",
-        ]
-        if has_plot:
-            header.append(f"![RMSE versus NFE]({png.name})\n")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("\n".join(header) + tables + "\n")
-        print(f"wrote {out}" + (f" and {png}" if has_plot else ""))
+            "A cell `x (n)` used n model calls where the budget could not be met exactly (Heun: 2 per step but the last). "
+            "difflab's momentum schedulers run with their defaults (beta 0.8, GHVB r = 3.8): momentum trades a little "
+            "accuracy for stability (see stability.md).\n"
+        )
+        write_report(out, "Samplers on the Gaussian mixture: quality versus NFE", "samplers", argv, elapsed, intro,
+                     tables, png.name if plot(results, png) else None)
     return tables
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    run(args, argv)
+    bench_main(__doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..models.gmm import GaussianMixture, GMMDenoiser
 from ..samplers import DPMSolverHBScheduler, GHVBScheduler, PLMSHBScheduler, UniPCHBScheduler
 from ..schedule import NoiseSchedule
+from .report import bench_main, write_report
 
 SOLVERS: dict[str, Callable[[dict], object]] = {
     "PLMS-4": lambda cfg: PLMSHBScheduler.from_config(cfg, solver_order=4, momentum=1.0),
@@ -172,27 +173,16 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
             rows += run_digits(args.scales, args.steps, args.digits_per_class, progress)
     tables = format_tables(rows)
     print(tables)
-    command = "python bench/stability.py " + " ".join(argv if argv is not None else sys.argv[1:])
     png = args.out.with_suffix(".png")
-    has_plot = plot(rows, png)
-    text = [
-        "# Stability at high guidance: multistep solvers with and without momentum\n",
-        f"Command: `{command.strip()}` ({time.time() - start:.0f} s on 2 CPU cores).\n",
-        __doc__.split("\n\n", 1)[1].strip() + "\n",
-        "Cells: divergence measure / class accuracy (/ FD-digits for digits). Same starting noise for every solver.\n",
-    ]
-    if has_plot:
-        text.append(f"![diverged share versus steps]({png.name})\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(text) + tables + "\n")
-    print(f"wrote {args.out}")
+    intro = __doc__.split("\n\n", 1)[1] + ("\nCells: divergence measure / class accuracy (/ FD-digits for digits); "
+                                           "the same starting noise for every solver.\n")
+    write_report(args.out, "Stability at high guidance: multistep solvers with and without momentum", "stability", argv,
+                 time.time() - start, intro, tables, png.name if plot(rows, png) else None)
     return tables
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    run(parser.parse_args(argv), argv)
+    bench_main(__doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

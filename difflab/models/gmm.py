@@ -158,6 +158,14 @@ class GaussianMixture:
         logp, _ = self._component_log_probs(x, _per_sample(alpha, n), _per_sample(sigma, n))
         return torch.logsumexp(logp + self._log_weights(class_labels, n), dim=1)
 
+    def _posterior(self, x: torch.Tensor, alpha, sigma, class_labels) -> tuple[torch.Tensor, ...]:
+        """Flattened float64 x (n, D), per-sample alpha, responsibilities (n, K), noised variances (n, K, D)."""
+        x = x.reshape(x.shape[0], -1).to(torch.float64)
+        n = x.shape[0]
+        alpha, sigma = _per_sample(alpha, n), _per_sample(sigma, n)
+        logp, var_t = self._component_log_probs(x, alpha, sigma)
+        return x, alpha[:, None, None], _responsibilities(logp + self._log_weights(class_labels, n)), var_t
+
     def posterior_mean(
         self,
         x: torch.Tensor,
@@ -166,15 +174,9 @@ class GaussianMixture:
         class_labels: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """E[x0 | x_t = x] (Tweedie), exact, for scalar or per-sample (alpha, sigma)."""
-        shape = x.shape
-        x = x.reshape(shape[0], -1).to(torch.float64)
-        n = x.shape[0]
-        alpha, sigma = _per_sample(alpha, n), _per_sample(sigma, n)
-        logp, var_t = self._component_log_probs(x, alpha, sigma)
-        resp = _responsibilities(logp + self._log_weights(class_labels, n))
-        a = alpha[:, None, None]
-        cond_mean = self.means[None] + a * self.variances[None] / var_t * (x[:, None, :] - a * self.means[None])
-        return (resp[:, :, None] * cond_mean).sum(1).reshape(shape)
+        flat, a, resp, var_t = self._posterior(x, alpha, sigma, class_labels)
+        cond_mean = self.means[None] + a * self.variances[None] / var_t * (flat[:, None, :] - a * self.means[None])
+        return (resp[:, :, None] * cond_mean).sum(1).reshape(x.shape)
 
     def score(
         self,
@@ -184,14 +186,9 @@ class GaussianMixture:
         class_labels: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """grad_x log q_t(x) = (alpha E[x0|x] - x) / sigma^2, computed per component (valid at sigma = 0)."""
-        shape = x.shape
-        x = x.reshape(shape[0], -1).to(torch.float64)
-        n = x.shape[0]
-        alpha, sigma = _per_sample(alpha, n), _per_sample(sigma, n)
-        logp, var_t = self._component_log_probs(x, alpha, sigma)
-        resp = _responsibilities(logp + self._log_weights(class_labels, n))
-        comp_score = -(x[:, None, :] - alpha[:, None, None] * self.means[None]) / var_t
-        return (resp[:, :, None] * comp_score).sum(1).reshape(shape)
+        flat, a, resp, var_t = self._posterior(x, alpha, sigma, class_labels)
+        comp_score = -(flat[:, None, :] - a * self.means[None]) / var_t
+        return (resp[:, :, None] * comp_score).sum(1).reshape(x.shape)
 
     # ---------------------------------------------------------------- exact composite targets
     def product(self, other: GaussianMixture) -> GaussianMixture:
