@@ -209,6 +209,11 @@ class DigitsPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
 
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """True while a call with ``guidance_scale > 1`` runs (read by difflab.guidance.attach)."""
+        return getattr(self, "_guidance_scale", 1.0) > 1.0
+
     def _set_timesteps(
         self, num_inference_steps: int, timesteps: Sequence[float] | None, sigmas: Sequence[float] | None, device
     ) -> None:
@@ -264,6 +269,7 @@ class DigitsPipeline(DiffusionPipeline):
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type {output_type!r} is not supported; use 'pil', 'np', 'pt' or 'latent'.")
         device = self._execution_device
+        self._guidance_scale = guidance_scale
         labels = _labels_tensor(class_labels, num_images_per_label).to(device)
         null = torch.full_like(labels, NULL_CLASS)
         shape = (len(labels), self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)

@@ -1,0 +1,12 @@
+"""Guidance rules that plug into unmodified diffusers pipelines: CFG and paper-exact APG.
+
+``attach(pipe, guider)`` / ``detach(pipe)`` switch a pipeline's classifier-free guidance to a difflab
+guider. Guiders work in x0 space through :class:`~difflab.schedule.NoiseSchedule` where the method
+needs it and return the prediction type the scheduler expects.
+"""
+
+from .adapters import attach, detach
+from .apg import APG
+from .base import CFG, Guider, rescale_guided
+
+__all__ = ["APG", "CFG", "Guider", "attach", "detach", "rescale_guided"]

@@ -1,0 +1,85 @@
+"""CFG and APG: paper formulas on exact tensors, and attach() inside unmodified pipelines."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from difflab.guidance import APG, CFG, attach, detach
+from difflab.models.tiny import TINY_PIPELINES, default_call_kwargs
+from difflab.schedule import NoiseSchedule
+
+NS = NoiseSchedule.vp(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def test_apg_matches_the_paper_algorithm_step_by_step():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([500.0, 500.0, 500.0], dtype=torch.float64)
+    alpha, sigma = (v[:, None, None, None] for v in NS.alpha_sigma(t))
+    apg = APG(guidance_scale=5.0, momentum=-0.5, norm_threshold=2.0, eta=0.3)
+    running = torch.zeros_like(x)
+    for _ in range(3):
+        eps_c, eps_u = torch.randn(x.shape, generator=g, dtype=torch.float64), torch.randn(x.shape, generator=g, dtype=torch.float64)
+        out = apg(eps_c, eps_u, x, t, NS, "epsilon")
+        d_c, d_u = (x - sigma * eps_c) / alpha, (x - sigma * eps_u) / alpha   # denoiser space
+        running = (d_c - d_u) + (-0.5) * running
+        diff = running * torch.clamp(2.0 / running.flatten(1).norm(dim=1), max=1.0)[:, None, None, None]
+        par = (diff * d_c).sum((1, 2, 3), keepdim=True) / (d_c * d_c).sum((1, 2, 3), keepdim=True) * d_c
+        d = d_c + 4.0 * (diff - par + 0.3 * par)
+        assert torch.allclose(out, (x - alpha * d) / sigma, atol=1e-10)
+
+
+def test_apg_without_momentum_clip_and_projection_is_cfg():
+    x, c, u = torch.randn(2, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+    t = torch.tensor([300.0, 300.0], dtype=torch.float64)
+    for prediction_type in ("epsilon", "v_prediction", "sample"):
+        apg = APG(guidance_scale=6.0, momentum=0.0, norm_threshold=math.inf, eta=1.0)
+        assert torch.allclose(apg(c, u, x, t, NS, prediction_type), CFG(6.0)(c, u, x, t, NS, prediction_type), atol=1e-10)
+
+
+def test_apg_state_resets_and_reindexes():
+    apg = APG(momentum=-0.5)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    t = torch.full((4,), 400.0, dtype=torch.float64)
+    apg(x + 1, x, x, t, NS, "epsilon")
+    before = apg.running.clone()
+    perm = torch.tensor([2, 0, 3, 1])
+    apg.reindex(perm)
+    assert torch.equal(apg.running, before[perm])
+    apg.reset()
+    assert apg.running is None
+    with pytest.raises(ValueError, match="reverse momentum"):
+        APG(momentum=0.5)
+
+
+def test_cfg_guidance_rescale_matches_diffusers():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    c, u = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    guided = u + 7.0 * (c - u)
+    ours = CFG(7.0, guidance_rescale=0.7)(c, u, torch.zeros_like(c), torch.tensor([10.0]), NS, "epsilon")
+    assert torch.allclose(ours, rescale_noise_cfg(guided, c, guidance_rescale=0.7), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3"])
+def test_attach_cfg_reproduces_the_pipeline_cfg(name):
+    pipe = TINY_PIPELINES[name]()
+    kwargs = {**default_call_kwargs(name), "guidance_scale": 4.0}
+    expected = np.asarray(pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images)
+    attach(pipe, CFG(4.0))
+    got = np.asarray(pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images)
+    assert np.abs(got - expected).max() < 1e-5
+    attach(pipe, CFG(9.0))  # the guider's scale is used, whatever the pipeline's own scale
+    other = np.asarray(pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images)
+    assert np.abs(other - expected).max() > 1e-4
+    detach(pipe)
+    assert np.abs(np.asarray(pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images) - expected).max() < 1e-6
+
+
+def test_attach_apg_runs_in_a_flow_pipeline():
+    pipe = TINY_PIPELINES["sd3"]()
+    attach(pipe, APG(guidance_scale=8.0, norm_threshold=1.0))
+    images = np.asarray(pipe(**{**default_call_kwargs("sd3"), "guidance_scale": 8.0}, generator=torch.Generator().manual_seed(0)).images)
+    assert np.isfinite(images).all()
