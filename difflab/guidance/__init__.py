@@ -1,4 +1,4 @@
-"""Guidance rules that plug into unmodified diffusers pipelines: CFG and paper-exact APG.
+"""Guidance rules that plug into unmodified diffusers pipelines: CFG, paper-exact APG, Adaptive Guidance.
 
 ``attach(pipe, guider)`` / ``detach(pipe)`` switch a pipeline's classifier-free guidance to a difflab
 guider. Guiders work in x0 space through :class:`~difflab.schedule.NoiseSchedule` where the method
@@ -6,7 +6,8 @@ needs it and return the prediction type the scheduler expects.
 """
 
 from .adapters import attach, detach
+from .adaptive import AdaptiveGuidance
 from .apg import APG
 from .base import CFG, Guider, rescale_guided
 
-__all__ = ["APG", "CFG", "Guider", "attach", "detach", "rescale_guided"]
+__all__ = ["APG", "AdaptiveGuidance", "CFG", "Guider", "attach", "detach", "rescale_guided"]

@@ -40,6 +40,34 @@ def _cfg_is_on(pipe: Any, batch: int) -> bool:
     return bool(flag) and batch % 2 == 0
 
 
+def _take_rows(value: Any, rows: torch.Tensor, full: int) -> Any:
+    """Select batch rows of every tensor of batch size ``full`` inside args / kwargs (dicts, tuples)."""
+    if isinstance(value, torch.Tensor):
+        return value[rows.to(value.device)] if value.ndim > 0 and value.shape[0] == full else value
+    if isinstance(value, dict):
+        return {k: _take_rows(v, rows, full) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_take_rows(v, rows, full) for v in value)
+    return value
+
+
+def _predictions(original, args: tuple, kwargs: dict, n: int, cond_first: bool, need: torch.Tensor | None):
+    """(cond, uncond, raw output) with the network evaluated only on the rows that are needed."""
+    cond_rows = torch.arange(n) if cond_first else torch.arange(n, 2 * n)
+    uncond_rows = torch.arange(n, 2 * n) if cond_first else torch.arange(n)
+    if need is None or bool(need.all()):
+        out = original(*args, **kwargs)
+        pred = out[0] if isinstance(out, tuple) else out.sample
+        return pred[cond_rows], pred[uncond_rows], out
+    rows = torch.cat([cond_rows, uncond_rows[need.cpu()]])
+    out = original(*_take_rows(args, rows, 2 * n), **_take_rows(kwargs, rows, 2 * n))
+    pred = out[0] if isinstance(out, tuple) else out.sample
+    cond = pred[:n]
+    uncond = cond.clone()  # rows that skip the unconditional call get guided = cond
+    uncond[need.to(pred.device)] = pred[n:]
+    return cond, uncond, out
+
+
 def attach(pipe: Any, guider: Guider) -> Any:
     """Route the pipeline's classifier-free guidance through ``guider``; returns the pipeline."""
     if not isinstance(guider, Guider):
@@ -54,18 +82,17 @@ def attach(pipe: Any, guider: Guider) -> Any:
     def guided_forward(*args: Any, **kwargs: Any) -> Any:
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        out = original(*args, **kwargs)
         if sample is None or not _cfg_is_on(pipe, sample.shape[0]):
-            return out
-        pred = out[0] if isinstance(out, tuple) else out.sample
-        first, second = pred.chunk(2)
-        cond, uncond = (first, second) if cond_first else (second, first)
-        t = torch.as_tensor(timestep).reshape(-1)[: sample.shape[0] // 2].detach().cpu().double()
+            return original(*args, **kwargs)
+        n = sample.shape[0] // 2
+        t = torch.as_tensor(timestep).reshape(-1)[:n].detach().cpu().double()
         if state["last_t"] is not None and float(t[0]) > state["last_t"]:
             guider.reset()  # a new generation started (timesteps went up again)
         state["last_t"] = float(t[0])
+        cond, uncond, out = _predictions(original, args, kwargs, n, cond_first, guider.uncond_rows_needed(n))
+        pred = out[0] if isinstance(out, tuple) else out.sample
         schedule = NoiseSchedule.from_config(pipe.scheduler.config)
-        guided = guider(cond, uncond, sample.chunk(2)[0], t, schedule, _prediction_type(pipe, schedule))
+        guided = guider(cond, uncond, sample[:n], t, schedule, _prediction_type(pipe, schedule))
         both = torch.cat([guided, guided]).to(pred.dtype)
         if isinstance(out, tuple):
             return (both, *out[1:])

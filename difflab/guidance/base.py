@@ -38,6 +38,13 @@ class Guider:
             raise ValueError(f"cond and uncond predictions differ in shape: {tuple(cond.shape)} vs {tuple(uncond.shape)}.")
         return self.combine(cond, uncond, sample, timestep, schedule, prediction_type)
 
+    def uncond_rows_needed(self, batch_size: int) -> torch.Tensor | None:
+        """Bool mask (B,) of samples whose unconditional prediction is needed this step; None = all.
+
+        Adapters evaluate the network only on those rows (AG / LinearAG save real compute).
+        """
+        return None
+
     def reset(self) -> None:
         """Forget per-generation state (called when a new generation starts)."""
 

@@ -83,3 +83,45 @@ def test_attach_apg_runs_in_a_flow_pipeline():
     attach(pipe, APG(guidance_scale=8.0, norm_threshold=1.0))
     images = np.asarray(pipe(**{**default_call_kwargs("sd3"), "guidance_scale": 8.0}, generator=torch.Generator().manual_seed(0)).images)
     assert np.isfinite(images).all()
+
+
+class RowCounter:
+    """Counts the batch rows the network really computes (a hook on its first layer)."""
+
+    def __init__(self, module):
+        self.rows = 0
+        first = next(m for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+        self.handle = first.register_forward_hook(lambda mod, inp, out: setattr(self, "rows", self.rows + inp[0].shape[0]))
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3"])
+def test_adaptive_guidance_skips_network_rows(name):
+    from difflab.guidance import AdaptiveGuidance
+
+    pipe = TINY_PIPELINES[name]()
+    kwargs = {**default_call_kwargs(name), "guidance_scale": 4.0, "num_inference_steps": 4}
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    counter = RowCounter(denoiser)
+    expected = np.asarray(pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images)
+    cfg_rows, counter.rows = counter.rows, 0
+    attach(pipe, AdaptiveGuidance(4.0, threshold=1.0))  # never switches: plain CFG, same rows
+    same = np.asarray(pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images)
+    assert np.abs(same - expected).max() < 1e-5 and counter.rows == cfg_rows
+    counter.rows = 0
+    attach(pipe, AdaptiveGuidance(4.0, threshold=-1.0))  # switches after the first step
+    np.asarray(pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images)
+    assert counter.rows == cfg_rows // 2 + cfg_rows // 8  # 2 rows at step 1, then 1 row per step
+
+
+def test_adaptive_guidance_switch_is_per_sample_and_one_way():
+    from difflab.guidance import AdaptiveGuidance
+
+    ag = AdaptiveGuidance(3.0, threshold=0.9)
+    c = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    u = torch.tensor([[1.0, 0.05], [0.0, 1.0]])  # sample 0 aligned, sample 1 orthogonal
+    x, t = torch.zeros(2, 2), torch.tensor([500.0, 500.0])
+    out = ag(c, u, x, t, NS, "epsilon")
+    assert torch.allclose(out, u + 3.0 * (c - u))  # both guided at the step where the decision is made
+    assert ag.uncond_rows_needed(2).tolist() == [False, True]
+    out = ag(c, torch.tensor([[0.0, 1.0], [0.0, 1.0]]), x, t, NS, "epsilon")  # no longer aligned: stays switched
+    assert torch.equal(out[0], c[0]) and ag.uncond_rows_needed(2).tolist() == [False, True]
