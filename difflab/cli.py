@@ -62,6 +62,42 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     train.set_defaults(func=train_digits.run)
 
 
+def _add_guidance(sub: argparse._SubParsersAction) -> None:
+    guidance = sub.add_parser("guidance", help="guidance tools")
+    which = guidance.add_subparsers(dest="guidance", required=True, metavar="ACTION")
+    fit = which.add_parser("fit-linear-ag", help="fit LinearAG coefficients for a digits model, scheduler and step count")
+    fit.add_argument("--model", default="digits-ddpm", help="built-in digits model or a local DigitsPipeline directory")
+    fit.add_argument("--scheduler", default="dpm++2m", help="difflab or diffusers scheduler name")
+    fit.add_argument("--steps", type=int, default=20)
+    fit.add_argument("--guidance-scale", type=float, default=3.0)
+    fit.add_argument("--per-class", type=int, default=20, help="fitting trajectories per class")
+    fit.add_argument("--uncond-steps", type=int, nargs="+", default=None,
+                     help="steps with a real unconditional call (default: the first 20%%)")
+    fit.add_argument("--cond-only-from", type=int, default=None, help="first conditional-only step (default: half-way)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--out", type=Path, default=Path("linear_ag.json"))
+    fit.set_defaults(func=_fit_linear_ag)
+
+
+def _fit_linear_ag(args: argparse.Namespace) -> None:
+    import torch
+
+    from .guidance import fit_linear_ag
+    from .models import load
+    from .samplers import get_scheduler
+
+    pipe = load(args.model)
+    pipe.scheduler = get_scheduler(args.scheduler, pipe.scheduler.config)
+    call = dict(class_labels=list(range(10)), num_images_per_label=args.per_class, output_type="latent",
+                generator=torch.Generator().manual_seed(args.seed))
+    fit = fit_linear_ag(pipe, call, args.steps, args.guidance_scale, args.uncond_steps, args.cond_only_from)
+    fit.save(args.out)
+    worst = max(fit.residual.values(), default=0.0)
+    print(f"wrote {args.out}: real unconditional calls at steps {fit.uncond_steps}, surrogates at "
+          f"{sorted(fit.coefficients)}, conditional only from step {fit.cond_only_from}; "
+          f"worst relative residual {worst:.2e}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -75,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_bench(sub)
     _add_models(sub)
+    _add_guidance(sub)
     return parser
 
 

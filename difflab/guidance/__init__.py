@@ -1,4 +1,5 @@
-"""Guidance rules that plug into unmodified diffusers pipelines: CFG, paper-exact APG, Adaptive Guidance.
+"""Guidance rules that plug into unmodified diffusers pipelines: CFG, paper-exact APG, Adaptive
+Guidance and LinearAG.
 
 ``attach(pipe, guider)`` / ``detach(pipe)`` switch a pipeline's classifier-free guidance to a difflab
 guider. Guiders work in x0 space through :class:`~difflab.schedule.NoiseSchedule` where the method
@@ -9,5 +10,7 @@ from .adapters import attach, detach
 from .adaptive import AdaptiveGuidance
 from .apg import APG
 from .base import CFG, Guider, rescale_guided
+from .linear_ag import LinearAG, LinearAGFit, fit_linear_ag
 
-__all__ = ["APG", "AdaptiveGuidance", "CFG", "Guider", "attach", "detach", "rescale_guided"]
+__all__ = ["APG", "AdaptiveGuidance", "CFG", "Guider", "LinearAG", "LinearAGFit", "attach", "detach", "fit_linear_ag",
+           "rescale_guided"]

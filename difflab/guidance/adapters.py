@@ -86,8 +86,9 @@ def attach(pipe: Any, guider: Guider) -> Any:
             return original(*args, **kwargs)
         n = sample.shape[0] // 2
         t = torch.as_tensor(timestep).reshape(-1)[:n].detach().cpu().double()
-        if state["last_t"] is not None and float(t[0]) > state["last_t"]:
-            guider.reset()  # a new generation started (timesteps went up again)
+        if state["last_t"] is None or float(t[0]) > state["last_t"]:  # a new generation starts
+            guider.reset()
+            guider.check_pipeline(pipe)
         state["last_t"] = float(t[0])
         cond, uncond, out = _predictions(original, args, kwargs, n, cond_first, guider.uncond_rows_needed(n))
         pred = out[0] if isinstance(out, tuple) else out.sample

@@ -45,6 +45,9 @@ class Guider:
         """
         return None
 
+    def check_pipeline(self, pipe: object) -> None:
+        """Raise if the guider cannot serve this pipeline (called by adapters at each generation start)."""
+
     def reset(self) -> None:
         """Forget per-generation state (called when a new generation starts)."""
 

@@ -26,7 +26,12 @@ _LAZY = {
 }
 
 
+_SUBMODULES = ("digits", "hub", "train_digits")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value

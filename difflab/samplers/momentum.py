@@ -188,7 +188,9 @@ class UniPCHBScheduler(DifflabScheduler):
         **common,
     ):
         _check_momentum(momentum)
-        if solver_type not in ("bh1", "bh2"):
+        if solver_type in ("midpoint", "heun", "logrho"):  # a DPM-Solver / DEIS config: as diffusers' UniPC does
+            self.register_to_config(solver_type="bh2")
+        elif solver_type not in ("bh1", "bh2"):
             raise ValueError(f"solver_type must be 'bh1' or 'bh2', got {solver_type!r}.")
         if solver_order not in (1, 2, 3):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order}.")

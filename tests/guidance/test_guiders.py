@@ -125,3 +125,49 @@ def test_adaptive_guidance_switch_is_per_sample_and_one_way():
     assert ag.uncond_rows_needed(2).tolist() == [False, True]
     out = ag(c, torch.tensor([[0.0, 1.0], [0.0, 1.0]]), x, t, NS, "epsilon")  # no longer aligned: stays switched
     assert torch.equal(out[0], c[0]) and ag.uncond_rows_needed(2).tolist() == [False, True]
+
+
+def test_attach_on_digits_pipeline():
+    from difflab.guidance import AdaptiveGuidance
+    from difflab.models import load
+
+    pipe = load("digits-ddpm")
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(class_labels=[1, 7], num_images_per_label=2, guidance_scale=3.0, num_inference_steps=4, output_type="latent")
+    expected = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    attach(pipe, CFG(3.0))
+    assert (pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images - expected).abs().max() < 1e-5
+    counter = RowCounter(pipe.unet)
+    attach(pipe, AdaptiveGuidance(3.0, threshold=-1.0))
+    pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+    assert counter.rows == 4 * 2 + 4 * 3  # 8 rows at step 1 (cond + uncond), then 4 conditional rows per step
+    detach(pipe)
+
+
+def test_linear_ag_fits_saves_skips_rows_and_refuses_other_combinations(tmp_path):
+    from difflab.guidance import LinearAG, LinearAGFit, fit_linear_ag
+    from difflab.models import load
+    from difflab.samplers import get_scheduler
+
+    pipe = load("digits-ddpm")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = get_scheduler("dpm++2m", pipe.scheduler.config)
+    fit = fit_linear_ag(pipe, dict(class_labels=list(range(10)), num_images_per_label=2, output_type="latent",
+                                   generator=torch.Generator().manual_seed(1)), num_inference_steps=10, guidance_scale=3.0)
+    assert fit.uncond_steps == [0, 1] and fit.cond_only_from == 5 and sorted(fit.coefficients) == [2, 3, 4]
+    assert max(fit.residual.values()) < 0.05  # the surrogate explains the unconditional prediction well
+    path = fit.save(tmp_path / "linear_ag.json")
+    guider = LinearAG(path)
+    assert LinearAGFit.load(path) == fit
+    counter = RowCounter(pipe.unet)
+    attach(pipe, guider)
+    kwargs = dict(class_labels=[3, 8], num_images_per_label=2, guidance_scale=3.0, output_type="latent")
+    out = pipe(**kwargs, num_inference_steps=10, generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(out).all()
+    assert counter.rows == 4 * 10 + 4 * 2  # conditional rows every step, unconditional only at steps 0 and 1
+    with pytest.raises(ValueError, match="another combination.*steps"):
+        pipe(**kwargs, num_inference_steps=12)
+    pipe.scheduler = get_scheduler("unipc", pipe.scheduler.config)
+    with pytest.raises(ValueError, match="another combination.*scheduler"):
+        pipe(**kwargs, num_inference_steps=10)
+    detach(pipe)
