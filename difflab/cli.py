@@ -12,6 +12,7 @@ BENCHMARKS = {
     "stability": ("difflab.benchmarks.stability", "divergence at high guidance, with and without momentum"),
     "lml": ("difflab.benchmarks.lml", "LML (lambda, kappa) sweep against the base solver"),
     "digits": ("difflab.benchmarks.digits", "class accuracy and FD-digits of the built-in digits models"),
+    "guidance": ("difflab.benchmarks.guidance", "CFG, APG (difflab and diffusers), AG, LinearAG on digits-ddpm"),
 }
 
 
