@@ -113,7 +113,7 @@ def format_table(name: str, table: dict, settings: list, metric: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mixture-dims", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--mixture-dims", type=int, nargs="*", default=[16, 64])
     parser.add_argument("--num-samples", type=int, default=500, help="mixture samples")
     parser.add_argument("--digits-models", nargs="*", default=["digits-ddpm", "digits-flow"])
     parser.add_argument("--digits-per-class", type=int, default=30)
