@@ -52,3 +52,18 @@ def test_bench_stability_and_lml_smoke(tmp_path, capsys):
     assert "| 10 | 8 |" in out and "PLMS-4 + HB 0.8" in out
     assert "scale-free lambda 3, kappa 0.2" in out and "not measured" in out
     assert "Command:" in (tmp_path / "stability.md").read_text()
+
+
+def test_get_scheduler_by_name_for_vp_and_flow_configs():
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from difflab.samplers import get_scheduler
+
+    flow = FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    assert type(get_scheduler("euler", flow)).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert get_scheduler("euler", flow).config.shift == 3.0
+    assert get_scheduler("dpm++2m", flow).config.prediction_type == "flow_prediction"
+    assert get_scheduler("ghvb", flow).config.prediction_type == "flow_prediction"
+    assert type(get_scheduler("euler", DDPMScheduler().config)).__name__ == "EulerDiscreteScheduler"
+    with pytest.raises(ValueError, match="no flow-matching mode"):
+        get_scheduler("ddim", flow)

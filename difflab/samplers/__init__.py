@@ -4,6 +4,7 @@
 benchmarks iterate over it, so a scheduler registered here is tested and benchmarked everywhere.
 """
 
+from ..schedule import NoiseSchedule
 from .base import COMMON_CONFIG, DifflabScheduler, SchedulerOutput, StepState, scheduler_config
 from .first_order import EulerDDIMScheduler
 from .lml import LMLScheduler, lml_correct
@@ -29,7 +30,9 @@ DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict]] = {
     "unipc": ("UniPCMultistepScheduler", {"solver_order": 2, "solver_type": "bh2"}),
     "deis": ("DEISMultistepScheduler", {"solver_order": 2}),
     "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow-heun": ("FlowMatchHeunDiscreteScheduler", {}),
 }
+FLOW_EQUIVALENTS = {"euler": "flow-euler", "heun": "flow-heun"}  # the same methods for flow-matching configs
 
 
 def scheduler_names() -> list[str]:
@@ -50,12 +53,18 @@ def get_scheduler(name: str, config: dict | None = None):
     for cls in SCHEDULERS.values():
         if cls.__name__ == name:
             return cls.from_config(config)
+    is_flow = NoiseSchedule.is_flow_config(config)
+    if is_flow and name in FLOW_EQUIVALENTS:
+        name = FLOW_EQUIVALENTS[name]
+    if is_flow and name in ("ddim", "ddpm"):
+        raise ValueError(f"diffusers' {name} scheduler has no flow-matching mode; for a flow model use one of "
+                         f"{sorted(SCHEDULERS)} or flow-euler, flow-heun, dpm++2m, dpm++3m, unipc, deis.")
     if name in DIFFUSERS_SCHEDULERS:
         cls_name, overrides = DIFFUSERS_SCHEDULERS[name]
         cls = getattr(diffusers, cls_name)
         if cls_name.startswith("FlowMatch"):
             return cls.from_config(config, **overrides)
-        if "FlowMatch" in str(config.get("_class_name", "")) or config.get("prediction_type") == "flow_prediction":
+        if is_flow:
             overrides = {**overrides, "prediction_type": "flow_prediction", "use_flow_sigmas": True,
                          "flow_shift": config.get("shift", 1.0)}
             config = {"num_train_timesteps": config.get("num_train_timesteps", 1000)}
