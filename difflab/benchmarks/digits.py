@@ -1,9 +1,10 @@
 """Quality of the built-in digits models: class accuracy and FD-digits against the noise floor.
 
 For each model, 50 samples per class (500) with its reference sampler (DPM-Solver++ 2M for
-``digits-ddpm``, FlowMatch Euler for ``digits-flow``) at 10, 20 and 50 steps and guidance 1, 2 and
-3 (plus guidance 2 at 20 steps, the acceptance setting). FD-digits is measured against the 359 held-out real digits; the noise floor is the FD-digits of
-500 real train-split digits against the same held-out set (mean of 10 random subsets).
+``digits-ddpm``, FlowMatch Euler for ``digits-flow``) at 10, 20 and 50 steps and guidance 1 and
+3, plus guidance 2 at 20 steps (the acceptance setting). FD-digits is measured against the 359 held-out real digits; the noise floor is the FD-digits of
+500 real train-split digits against the same held-out set (mean of 10 random subsets). How the
+models were trained (commands, times): docs/benchmarks/digits-training.md.
 """
 
 from __future__ import annotations
