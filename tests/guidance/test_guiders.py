@@ -104,7 +104,9 @@ def test_adaptive_guidance_skips_network_rows(name):
     counter = RowCounter(denoiser)
     expected = np.asarray(pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images)
     cfg_rows, counter.rows = counter.rows, 0
-    attach(pipe, AdaptiveGuidance(4.0, threshold=1.0))  # never switches: plain CFG, same rows
+    never = AdaptiveGuidance(4.0, threshold=1.0)
+    never.threshold = math.inf  # never switches (a float32 cosine can round to exactly 1.0): plain CFG, same rows
+    attach(pipe, never)
     same = np.asarray(pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images)
     assert np.abs(same - expected).max() < 1e-5 and counter.rows == cfg_rows
     counter.rows = 0
