@@ -119,9 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .models.hub import ModelFilesError
+
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as err:  # user errors: a message, not a traceback
+    except (ValueError, FileNotFoundError, KeyError, ModelFilesError) as err:  # user errors: a message, not a traceback
         parser.exit(2, f"difflab {args.command}: error: {err}\n")
 
 

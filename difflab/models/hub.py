@@ -15,6 +15,10 @@ from typing import Any
 
 import torch
 
+
+class ModelFilesError(RuntimeError):
+    """A model directory whose config or weights files cannot be read (corrupted or truncated)."""
+
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 BUILTIN_MODELS: dict[str, str] = {
@@ -43,14 +47,14 @@ def _check_files(path: Path, builtin: bool) -> None:
         try:
             json.loads(file.read_text())
         except (OSError, ValueError) as err:
-            raise RuntimeError(f"Cannot read the config file {file}: {err}. {_reinstall_hint(builtin)}") from err
+            raise ModelFilesError(f"Cannot read the config file {file}: {err}. {_reinstall_hint(builtin)}") from err
     for file in sorted(path.rglob("*.safetensors")):
         if "checkpoint-" in str(file.relative_to(path)):
             continue
         try:
             load_file(str(file))
         except Exception as err:  # safetensors raises its own SafetensorError, OSError, ...
-            raise RuntimeError(
+            raise ModelFilesError(
                 f"Cannot read the weights file {file}: it is corrupted or truncated ({type(err).__name__}: {err}). "
                 f"{_reinstall_hint(builtin)}"
             ) from err
