@@ -52,6 +52,12 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def _own_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Only the subcommand's own options (the trainer logs them as JSON; no dispatch entries)."""
+    own = {action.dest for action in parser._actions}
+    return argparse.Namespace(**{k: v for k, v in vars(args).items() if k in own})
+
+
 def _add_models(sub: argparse._SubParsersAction) -> None:
     models = sub.add_parser("models", help="train the built-in models")
     which = models.add_subparsers(dest="models", required=True, metavar="ACTION")
@@ -60,7 +66,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     train = which.add_parser("train-digits", help="train digits-ddpm, digits-flow or digits-classifier (accelerate)",
                              description=(train_digits.__doc__ or "").split("\n")[0])
     train_digits.add_arguments(train)
-    train.set_defaults(func=train_digits.run)
+    train.set_defaults(func=lambda args: train_digits.run(_own_arguments(args, train)))
 
 
 def _add_guidance(sub: argparse._SubParsersAction) -> None:

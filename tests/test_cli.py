@@ -67,3 +67,9 @@ def test_get_scheduler_by_name_for_vp_and_flow_configs():
     assert type(get_scheduler("euler", DDPMScheduler().config)).__name__ == "EulerDiscreteScheduler"
     with pytest.raises(ValueError, match="no flow-matching mode"):
         get_scheduler("ddim", flow)
+
+
+def test_models_train_digits_through_the_cli(tmp_path):
+    main(["models", "train-digits", "--model", "digits-classifier", "--output_dir", str(tmp_path / "clf"),
+          "--max_train_steps", "2", "--train_batch_size", "8"])
+    assert (tmp_path / "clf" / "diffusion_pytorch_model.safetensors").exists()
