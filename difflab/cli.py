@@ -13,6 +13,7 @@ BENCHMARKS = {
     "lml": ("difflab.benchmarks.lml", "LML (lambda, kappa) sweep against the base solver"),
     "digits": ("difflab.benchmarks.digits", "class accuracy and FD-digits of the built-in digits models"),
     "guidance": ("difflab.benchmarks.guidance", "CFG, APG (difflab and diffusers), AG, LinearAG on digits-ddpm"),
+    "fid": ("difflab.benchmarks.fid", "FID / KID against clean-fid: values and time (needs the eval extra)"),
 }
 
 
@@ -105,6 +106,94 @@ def _fit_linear_ag(args: argparse.Namespace) -> None:
           f"worst relative residual {worst:.2e}")
 
 
+def _add_fid_options(parser: argparse.ArgumentParser, stats_only: bool = False) -> None:
+    parser.add_argument("--mode", default="clean", choices=["clean", "legacy_tensorflow", "legacy_pytorch"],
+                        help="clean-fid protocol (resize and network); default clean")
+    parser.add_argument("--features", default="inception", choices=["inception", "digits"],
+                        help="feature network: clean-fid's Inception, or the built-in digits classifier")
+    parser.add_argument("--inception-weights", metavar="FILE", default=None,
+                        help="Inception weights file to use instead of the cache / download (offline machines)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding and resizing images")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--skip-bad", action="store_true", help="leave out unreadable image files (and count them)")
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    if not stats_only:
+        parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _add_fid(sub: argparse._SubParsersAction) -> None:
+    for name, help_text in (("fid", "FID between two image folders / zips / .npz statistics"),
+                            ("kid", "KID (seeded subsets) between two image folders / zips / .npz with features")):
+        parser = sub.add_parser(name, help=help_text, description=help_text + ", in clean-fid's protocols.")
+        parser.add_argument("a", help="folder, zip file or .npz statistics")
+        parser.add_argument("b", nargs="?", help="folder, zip file or .npz statistics")
+        parser.add_argument("--ref", metavar="NAME_OR_NPZ", help="reference statistics instead of B "
+                            "(an .npz, or a clean-fid name such as cifar10_clean_train_32)")
+        _add_fid_options(parser)
+        if name == "fid":
+            parser.add_argument("--cross-check", action="store_true",
+                                help="also compute the distance with scipy's sqrtm and fail if they differ (> 1e-6)")
+        else:
+            parser.add_argument("--subsets", type=int, default=100)
+            parser.add_argument("--subset-size", type=int, default=1000)
+            parser.add_argument("--kid-seed", type=int, default=0)
+        parser.set_defaults(func=_fid)
+    stats = sub.add_parser("fid-stats", help="reference statistics (.npz) of an image folder or zip",
+                           description="Write FID reference statistics (mu, sigma, and the network's hash) of a folder.")
+    stats.add_argument("source", help="folder or zip file of images")
+    stats.add_argument("-o", "--out", required=True, help="output .npz")
+    stats.add_argument("--keep-features", action="store_true", help="store the features too (needed for KID)")
+    _add_fid_options(stats, stats_only=True)
+    stats.set_defaults(func=_fid_stats)
+
+
+def _fid_kwargs(args: argparse.Namespace) -> dict:
+    return dict(mode=args.mode, features=args.features, inception_weights=args.inception_weights,
+                batch_size=args.batch_size, num_workers=args.workers, device=args.device, skip_bad=args.skip_bad,
+                use_cache=not args.no_cache, verbose=not args.quiet)
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _fid(args: argparse.Namespace) -> None:
+    import json
+
+    from .eval.fid import compute_fid, compute_kid
+
+    if (args.b is None) == (args.ref is None):
+        raise ValueError("give exactly one of B and --ref (the second image set or reference statistics).")
+    b = args.b if args.b is not None else args.ref
+    if args.command == "fid":
+        score = compute_fid(args.a, b, cross_check=args.cross_check, **_fid_kwargs(args))
+    else:
+        score = compute_kid(args.a, b, num_subsets=args.subsets, max_subset_size=args.subset_size,
+                            kid_seed=args.kid_seed, **_fid_kwargs(args))
+    if _is_main_process():
+        print(json.dumps(score.as_dict()) if args.json else str(score))
+
+
+def _fid_stats(args: argparse.Namespace) -> None:
+    from .eval.fid import make_stats
+
+    stats = make_stats(args.source, args.out, keep_features=args.keep_features, **_fid_kwargs(args))
+    if _is_main_process():
+        print(f"wrote {args.out}: {stats.n} images of {stats.description}, mode {args.mode}, "
+              f"network {stats.metadata['network']} (sha256 {stats.metadata['weights_sha256'][:12] or 'n/a'}), "
+              f"{len(stats.mu)}-d features" + (", features kept for KID" if args.keep_features else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -119,17 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_models(sub)
     _add_guidance(sub)
+    _add_fid(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .eval.weights import WeightsError
     from .models.hub import ModelFilesError
 
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, ModelFilesError) as err:  # user errors: a message, not a traceback
+    except (ValueError, FileNotFoundError, KeyError, ModelFilesError, WeightsError, ArithmeticError) as err:  # user errors: a message, not a traceback
         parser.exit(2, f"difflab {args.command}: error: {err}\n")
 
 

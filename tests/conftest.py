@@ -6,7 +6,11 @@ busy process on a 2-core machine, multi-threaded tiny ops spin-wait for millisec
 
 import os
 
-import torch
+# Before numpy loads: one BLAS thread (the 2048-d eigendecompositions of FID spin-wait otherwise).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
