@@ -389,3 +389,11 @@ def test_two_accelerate_processes_give_the_same_fid(folders, weights, tmp_path):
     one = float(compute_fid(a, b, inception_weights=weights["torchscript_inception"], batch_size=4, num_workers=0,
                             use_cache=False, verbose=False))
     assert json.loads(lines[0])["fid"] == pytest.approx(one, rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["clean", "legacy_tensorflow"])
+def test_fast_torchscript_path_matches_the_plain_one(weights, mode):
+    x = torch.rand(3, 3, 299 if mode == "clean" else 40, 299 if mode == "clean" else 40) * 255
+    plain = build_feature_network(mode, inception_weights=weights["torchscript_inception"], fast=False)(x)
+    fast = build_feature_network(mode, inception_weights=weights["torchscript_inception"])(x)
+    assert np.allclose(fast, plain, rtol=1e-4, atol=1e-5 * np.abs(plain).max())
