@@ -49,7 +49,7 @@ def _frozen(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     The module itself if it cannot be frozen."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
             return torch.jit.freeze(module.eval())
     except (RuntimeError, AttributeError):
         return module
@@ -66,7 +66,7 @@ def _torchscript_inception(mode: str, weights: str | os.PathLike | None, device:
     path, sha = resolve_weights("torchscript_inception", weights)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
             base = torch.jit.load(str(path), map_location=device).eval()
     except (RuntimeError, OSError, ValueError) as err:
         raise WeightsError(f"cannot load the TorchScript Inception {path} ({err}). The file is damaged or not "
@@ -228,7 +228,7 @@ def make_standin_weights(directory: str | os.PathLike, size: str = "tiny", seed:
     for module in (layers, inception):
         _randomize(module, generator)
     with warnings.catch_warnings():  # torch marks TorchScript deprecated; the official file is TorchScript
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
         scripted = torch.jit.script(_TorchScriptInterface(layers.eval(), feature_dim).eval())
     paths = {kind: os.path.join(directory, w.filename) for kind, w in KNOWN_WEIGHTS.items()}
     scripted.save(paths["torchscript_inception"])
