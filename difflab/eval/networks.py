@@ -96,10 +96,12 @@ def _pytorch_inception(weights: str | os.PathLike | None, device: torch.device, 
         raise WeightsError(f"cannot load pytorch-fid's Inception state dict from {path} ({err}). Delete the file "
                            "(or pass the right one with --inception-weights).") from err
     if fast:
-        model = model.to(memory_format=torch.channels_last)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+            network = _frozen(torch.jit.script(model.to(memory_format=torch.channels_last)))
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            return model(_channels_last(x))
+            return network(_channels_last(x))
     else:
         forward = model
     return FeatureNetwork(os.path.basename(path), forward, sha,
