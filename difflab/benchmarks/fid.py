@@ -93,6 +93,14 @@ def time_frechet(dim: int = 2048, seed: int = 0) -> dict:
                 ours_rel=abs(ours - exact) / exact, scipy_rel=abs(theirs - exact) / exact)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_accelerate(a: Path, b: Path, mode: str, weights: str, processes: int, args: argparse.Namespace) -> dict:
     command = ["fid", str(a), str(b), "--mode", mode, "--inception-weights", weights, "--json", "--quiet",
                "--no-cache", "--workers", str(args.workers), "--batch-size", str(args.batch_size), "--device", "cpu"]
@@ -100,7 +108,8 @@ def run_accelerate(a: Path, b: Path, mode: str, weights: str, processes: int, ar
         full = [sys.executable, "-m", "difflab.cli", *command]
     else:  # CPU-only machines: --multi_gpu starts torch.distributed; difflab uses accelerate's gloo CPU backend
         full = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "difflab.cli", *command]
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(_free_port()), "-m", "difflab.cli", *command]
     t0 = time.perf_counter()
     out = subprocess.run(full, capture_output=True, text=True, check=False)
     if out.returncode != 0:
