@@ -93,7 +93,8 @@ def time_frechet(dim: int = 2048, seed: int = 0) -> dict:
                 ours_rel=abs(ours - exact) / exact, scipy_rel=abs(theirs - exact) / exact)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A local port nobody listens on (the default 29500 may still be held by an earlier run)."""
     import socket
 
     with socket.socket() as sock:
@@ -109,7 +110,7 @@ def run_accelerate(a: Path, b: Path, mode: str, weights: str, processes: int, ar
     else:  # CPU-only machines: --multi_gpu starts torch.distributed; difflab uses accelerate's gloo CPU backend
         full = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(_free_port()), "-m", "difflab.cli", *command]
+                "--main_process_port", str(free_port()), "-m", "difflab.cli", *command]
     t0 = time.perf_counter()
     out = subprocess.run(full, capture_output=True, text=True, check=False)
     if out.returncode != 0:

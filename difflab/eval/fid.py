@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .frechet import checked_frechet_distance, feature_statistics, frechet_distance, kernel_distance
 from .images import (
+    EXTENSIONS,
     RESIZERS,
     ArrayDataset,
     FileDataset,
@@ -208,6 +209,14 @@ def _save_cache(key: str, features: np.ndarray) -> None:
     os.replace(temp, path)
 
 
+def _assemble(blocks: list[tuple[list[int], np.ndarray]], n: int) -> np.ndarray:
+    """(n, D) features from (indices, features) blocks gathered from every process, in item order."""
+    features = np.full((n, blocks[0][1].shape[1]), np.nan, np.float32)
+    for indices, block in blocks:
+        features[indices] = block
+    return features
+
+
 def _run_batches(dataset: torch.utils.data.Dataset, network: FeatureNetwork, batch_size: int, num_workers: int,
                  state, description: str, verbose: bool) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Features of every item, in order; each process takes every W-th batch; results gathered."""
@@ -227,10 +236,7 @@ def _run_batches(dataset: torch.utils.data.Dataset, network: FeatureNetwork, bat
     all_errors = sorted(e for _, part in gathered for e in part)
     if not all_blocks:
         return np.zeros((0, 0), np.float32), all_errors
-    dim = all_blocks[0][1].shape[1]
-    features = np.full((len(dataset), dim), np.nan, np.float32)
-    for indices, block in all_blocks:
-        features[indices] = block
+    features = _assemble(all_blocks, len(dataset))
     good = np.ones(len(dataset), bool)
     good[[i for i, _ in all_errors]] = False
     return features[good], all_errors
@@ -267,7 +273,7 @@ def extract_features(source: Any, network: FeatureNetwork, mode: str = "clean", 
         key_parts = lambda: [np.ascontiguousarray(i).tobytes() + str(i.shape).encode() for i in images]  # noqa: E731
     if len(dataset) < 2:
         raise ImageInputError(f"{description} holds {len(dataset)} image(s); FID and KID need at least 2 "
-                              f"(files with extensions {', '.join(sorted(['png', 'jpg', 'jpeg', 'webp', 'npy', '...']))}).")
+                              f"(files with extensions {', '.join(sorted(EXTENSIONS))}).")
     key = _content_key(key_parts(), network, mode) if use_cache else None
     if key is not None and _cache_path(key).is_file():
         return Features(np.load(_cache_path(key)), description, [], from_cache=True)
@@ -310,10 +316,7 @@ def _generator_features(generator: Callable, network: FeatureNetwork, preprocess
         tensors = [preprocess(image) for image in images]
         blocks += [([b * batch_size + i for i in idx], network(x))
                    for idx, x in group_by_shape([Item(i, t) for i, t in enumerate(tensors)])]
-    gathered = [blk for part in _gather(blocks, state) for blk in part]
-    features = np.zeros((num_gen, gathered[0][1].shape[1]), np.float32)
-    for indices, block in gathered:
-        features[indices] = block
+    features = _assemble([blk for part in _gather(blocks, state) for blk in part], num_gen)
     return Features(features, f"{getattr(generator, '__name__', type(generator).__name__)} ({num_gen} generated)", [])
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from difflab.benchmarks.fid import free_port
 from difflab.cli import main as cli_main
 from difflab.eval import compute_fid, compute_kid, frechet_distance, make_stats
 from difflab.eval.fid import extract_features, load_stats
@@ -373,15 +374,6 @@ def test_cli_errors_are_one_message(tmp_path, weights, capsys):
     with pytest.raises(SystemExit):
         cli_main(["fid", str(tmp_path / "empty")])
     assert "exactly one of B and --ref" in capsys.readouterr().err
-
-
-def free_port() -> int:
-    """A port nobody listens on (the default 29500 may still be held by an earlier run)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_accelerate_processes_give_the_same_fid(folders, weights, tmp_path):
