@@ -326,10 +326,11 @@ def _generator_features(generator: Callable, network: FeatureNetwork, preprocess
 
 
 def _names_statistics(source: Any) -> bool:
-    """An ``.npz`` path, or a string that is not an existing path (a reference name)."""
+    """An ``.npz`` path, or a bare name that is not an existing path (a reference name such as cifar10_clean_train_32)."""
     if not isinstance(source, (str, os.PathLike)):
         return False
-    return str(source).endswith(".npz") or not Path(source).exists()
+    text = str(source)
+    return text.endswith(".npz") or not (Path(source).exists() or os.sep in text or text.startswith("."))
 
 
 def _as_stats_or_features(source: Any, network: FeatureNetwork, mode: str, need_features: bool, **kw) -> Stats:

@@ -46,6 +46,8 @@ def check_mode(mode: str) -> str:
 def list_image_files(path: str | os.PathLike) -> list[str]:
     """Sorted image paths in a folder (recursive) or members of a zip file, by clean-fid's extensions."""
     path = Path(path)
+    if not path.exists():
+        raise ImageInputError(f"{path} does not exist.")
     if zipfile.is_zipfile(path) and path.is_file():
         with zipfile.ZipFile(path) as archive:
             return sorted(n for n in archive.namelist() if n.rsplit(".", 1)[-1].lower() in EXTENSIONS)

@@ -263,6 +263,8 @@ def test_empty_and_single_image_folders_are_refused(tmp_path, weights, folders):
         fid(tmp_path / "one", folders[1], weights)
     with pytest.raises(ImageInputError, match="neither a folder nor a zip"):
         fid(folders[0] / "000.png", folders[1], weights)
+    with pytest.raises(ImageInputError, match="does not exist"):
+        fid(tmp_path / "missing", folders[1], weights)
 
 
 def test_unreadable_files_are_listed_or_skipped(folders, weights):
