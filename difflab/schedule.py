@@ -448,3 +448,32 @@ class NoiseSchedule:
         if self.kind == "flow":
             return f"NoiseSchedule(kind='flow', num_train_timesteps={self.num_train_timesteps}, {self.flow_shift})"
         return f"NoiseSchedule(kind='vp', num_train_timesteps={self.num_train_timesteps})"
+
+
+# --------------------------------------------------------------------------------------------
+# Stochastic (DDIM-eta / ancestral) steps
+# --------------------------------------------------------------------------------------------
+
+
+def stochastic_step_coefficients(
+    alpha: float, sigma: float, alpha_next: float, sigma_next: float, eta: float = 1.0
+) -> tuple[float, float, float]:
+    """``(a, b, c)`` of the DDIM-eta step ``x' = a x + b eps_hat + c z`` with z ~ N(0, I).
+
+    The step re-noises the data prediction x0_hat = (x - sigma eps_hat) / alpha as
+    ``x' = alpha' x0_hat + sqrt(sigma'^2 - c^2) eps_hat + c z`` (Song et al. 2021, eq. 12) with
+    ``c = eta * sigma' * sqrt(1 - exp(-2h))`` and h = lambda' - lambda. For VP schedules eta = 1 is
+    exactly the DDPM posterior (ancestral) step and its noise variance 2 sigma^2 h matches the
+    diffusion coefficient of the reverse SDE to first order, which is what Feynman-Kac weights and
+    the Ito density estimator assume; eta = 0 is DDIM (flow: Euler). The same formula holds for
+    flow schedules (alpha = 1 - s, sigma = s). A clean end point (sigma' = 0) gives c = 0.
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = ancestral / DDPM), got {eta}.")
+    if sigma_next <= 0:
+        return 1.0 / alpha, -sigma / alpha, 0.0
+    # exp(-2h) = (alpha sigma' / (alpha' sigma))^2
+    decay = (alpha * sigma_next / (alpha_next * sigma)) ** 2
+    c = eta * sigma_next * math.sqrt(max(0.0, 1.0 - decay))
+    c = min(c, sigma_next)
+    return alpha_next / alpha, math.sqrt(sigma_next**2 - c**2) - alpha_next * sigma / alpha, c

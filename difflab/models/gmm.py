@@ -204,6 +204,48 @@ class GaussianMixture:
         log_w = self.weights.log()[:, None] + other.weights.log()[None] + log_c
         return GaussianMixture(mean.reshape(-1, self.dim), var.reshape(-1, self.dim), torch.softmax(log_w.reshape(-1), 0))
 
+    def sample_tempered(self, n: int, beta: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n exact samples of p(x)^beta / Z in any dimension, by rejection sampling.
+
+        With a_k = w_k N(x; mu_k, v_k) the power-mean inequality gives (sum_k a_k)^beta <=
+        K^max(beta-1, 0) sum_k a_k^beta, and a_k^beta is a constant times N(x; mu_k, v_k / beta), so
+        the mixture g = sum_k pi_k N(mu_k, v_k / beta) with pi_k ~ w_k^beta int N_k^beta is an
+        envelope; a proposal is accepted with probability p^beta / (K^max(beta-1,0) sum_k a_k^beta).
+        """
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}.")
+        K, D = self.means.shape
+        log_norm = -0.5 * (beta - 1) * D * LOG_2PI - 0.5 * D * math.log(beta) - 0.5 * (beta - 1) * self.variances.log().sum(1)
+        proposal = GaussianMixture(self.means, self.variances / beta, torch.softmax(beta * self.weights.log() + log_norm, 0))
+        log_bound = max(beta - 1.0, 0.0) * math.log(K)
+
+        def log_accept(x: torch.Tensor) -> torch.Tensor:
+            log_a = self._component_log_probs(x, torch.ones(len(x), dtype=torch.float64), torch.zeros(len(x), dtype=torch.float64))[0]
+            log_a = log_a + self.weights.log()
+            return beta * torch.logsumexp(log_a, 1) - log_bound - torch.logsumexp(beta * log_a, 1)
+
+        return _rejection_sample(n, lambda m: proposal.sample(m, generator=generator), log_accept, generator)
+
+    def sample_cfg_tilted(
+        self, n: int, class_label: int, guidance_scale: float, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """n exact samples of p_u^(1-w) p_c^w / Z (w >= 1) in any dimension, by rejection from p_c.
+
+        p_u = sum_c pi_c p_c >= pi_c p_c, so the target is at most pi_c^(1-w) p_c and a draw from
+        p_c is accepted with probability (pi_c p_c / p_u)^(w-1).
+        """
+        w = float(guidance_scale)
+        if w < 1:
+            raise ValueError(f"exact CFG-tilted sampling needs guidance_scale >= 1, got {w}.")
+        if self.component_classes is None:
+            raise ValueError("this mixture has no classes; build it with component_classes.")
+        log_prior = float(self.weights[self.component_classes == class_label].sum().log())
+
+        def log_accept(x: torch.Tensor) -> torch.Tensor:
+            return (w - 1) * (log_prior + self.log_prob(x, class_labels=class_label) - self.log_prob(x))
+
+        return _rejection_sample(n, lambda m: self.sample(m, generator, class_labels=class_label), log_accept, generator)
+
     def tempered_on_grid(self, beta: float, bounds: tuple[float, float] | None = None, resolution: int = 400) -> GridTarget:
         """p(x)^beta / Z on a grid (1-2-D), the target of annealed sampling."""
         return GridTarget.from_log_density(lambda x: beta * self.log_prob(x), self.dim, bounds or self._bounds(), resolution)
@@ -222,6 +264,28 @@ class GaussianMixture:
     def _bounds(self, margin: float = 5.0) -> tuple[float, float]:
         spread = margin * self.variances.sqrt().max()
         return float(self.means.min() - spread), float(self.means.max() + spread)
+
+
+def _rejection_sample(
+    n: int,
+    propose: Callable[[int], torch.Tensor],
+    log_accept: Callable[[torch.Tensor], torch.Tensor],
+    generator: torch.Generator | None,
+    max_rounds: int = 200,
+) -> torch.Tensor:
+    """n accepted draws; proposals come in batches sized by the running acceptance rate."""
+    kept: list[torch.Tensor] = []
+    have, rate = 0, 1.0
+    for _ in range(max_rounds):
+        m = int(min(4_000_000, max(1024, 1.2 * (n - have) / max(rate, 1e-4))))
+        x = propose(m)
+        accept = torch.rand(m, generator=generator, dtype=torch.float64).log() < log_accept(x)
+        rate = max(float(accept.double().mean()), 1e-4)
+        kept.append(x[accept])
+        have += int(accept.sum())
+        if have >= n:
+            return torch.cat(kept)[:n]
+    raise RuntimeError(f"rejection sampling accepted only {have} of {n} samples; the acceptance rate is {rate:.1e}.")
 
 
 @dataclass

@@ -9,6 +9,9 @@ from .base import COMMON_CONFIG, DifflabScheduler, SchedulerOutput, StepState, s
 from .first_order import EulerDDIMScheduler
 from .lml import LMLScheduler, lml_correct
 from .momentum import DPMSolverHBScheduler, GHVBScheduler, PLMSHBScheduler, UniPCHBScheduler
+from .fkc import FKCTarget, ParticleOutput, fkc_sample
+from .smc import ParticleSystem, ResamplingPolicy, effective_sample_size
+from .superdiff import SuperDiffOutput, superdiff_sample
 
 SCHEDULERS: dict[str, type[DifflabScheduler]] = {
     "euler-ddim": EulerDDIMScheduler,
@@ -80,6 +83,14 @@ __all__ = [
     "DPMSolverHBScheduler",
     "DifflabScheduler",
     "EulerDDIMScheduler",
+    "FKCTarget",
+    "ParticleOutput",
+    "ParticleSystem",
+    "ResamplingPolicy",
+    "SuperDiffOutput",
+    "effective_sample_size",
+    "fkc_sample",
+    "superdiff_sample",
     "GHVBScheduler",
     "LMLScheduler",
     "PLMSHBScheduler",

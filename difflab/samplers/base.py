@@ -112,6 +112,7 @@ class StepState:
     sigma_next: float
     lam_next: float
     generator: torch.Generator | list[torch.Generator] | None = None
+    noise: torch.Tensor | None = None  # pre-drawn noise of a stochastic step (``variance_noise=``)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample state to keep in the history
 
 
@@ -226,6 +227,14 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
         if self._lml_previous is not None:
             self._lml_previous = self._lml_previous[indices]
 
+    def noise_levels(self, index: int) -> tuple[float, float, float, float, float, float]:
+        """``(alpha, sigma, lambda)`` at step ``index`` and at the point it steps to (lambda = inf at a clean end)."""
+        if self.num_inference_steps is None:
+            raise RuntimeError("call set_timesteps() before noise_levels().")
+        here = (float(self._alphas[index]), float(self._sigmas[index]), float(self._lambdas[index]))
+        nxt = (float(self._alphas[index + 1]), float(self._sigmas[index + 1]), float(self._lambdas[index + 1]))
+        return here + nxt
+
     # ------------------------------------------------------------------ timesteps
     def set_timesteps(
         self,
@@ -326,8 +335,13 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
         sample: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
+        variance_noise: torch.Tensor | None = None,
     ) -> SchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
-        """Advance the sample by one step of the method's update rule."""
+        """Advance the sample by one step of the method's update rule.
+
+        ``variance_noise`` (as in diffusers' DDIM / DDPM schedulers) is the standard normal noise
+        of a stochastic step; without it a stochastic scheduler draws it with ``generator``.
+        """
         if self.num_inference_steps is None:
             raise RuntimeError(
                 f"{type(self).__name__}.step() was called before set_timesteps(); call "
@@ -339,6 +353,7 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
         if i >= self.num_inference_steps:
             raise RuntimeError(f"All {self.num_inference_steps} steps have been taken; call set_timesteps() again.")
         state = self._make_state(model_output, sample, i, generator)
+        state.noise = variance_noise
         coef, increment = self.update(state)
         if self.config.lml_lambda is not None:
             increment = self._apply_lml(increment)
