@@ -14,6 +14,7 @@ BENCHMARKS = {
     "digits": ("difflab.benchmarks.digits", "class accuracy and FD-digits of the built-in digits models"),
     "guidance": ("difflab.benchmarks.guidance", "CFG, APG (difflab and diffusers), AG, LinearAG on digits-ddpm"),
     "fid": ("difflab.benchmarks.fid", "FID / KID against clean-fid: values and time (needs the eval extra)"),
+    "composition": ("difflab.benchmarks.composition", "FKC and SuperDiff on exact Gaussian-mixture targets; AND of digits"),
 }
 
 

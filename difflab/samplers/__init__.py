@@ -7,9 +7,9 @@ benchmarks iterate over it, so a scheduler registered here is tested and benchma
 from ..schedule import NoiseSchedule
 from .base import COMMON_CONFIG, DifflabScheduler, SchedulerOutput, StepState, scheduler_config
 from .first_order import EulerDDIMScheduler
+from .fkc import FKCTarget, ParticleOutput, fkc_sample
 from .lml import LMLScheduler, lml_correct
 from .momentum import DPMSolverHBScheduler, GHVBScheduler, PLMSHBScheduler, UniPCHBScheduler
-from .fkc import FKCTarget, ParticleOutput, fkc_sample
 from .smc import ParticleSystem, ResamplingPolicy, effective_sample_size
 from .superdiff import SuperDiffOutput, superdiff_sample
 
