@@ -1,7 +1,8 @@
 """Particle pipelines: ``FKCPipeline`` (Feynman-Kac correctors) and ``SuperDiffPipeline`` (SuperDiff).
 
 Both are built from an existing pipeline's components with ``from_pipe(pipe)``: a
-``StableDiffusionPipeline`` (prompts; VAE decoding) or difflab's ``DigitsPipeline`` (class labels).
+``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (prompts; VAE decoding) or difflab's
+``DigitsPipeline`` (class labels).
 They compose :mod:`difflab.samplers.fkc` / :mod:`difflab.samplers.superdiff` with a stochastic
 difflab scheduler made from the pipeline's scheduler config (``EulerDDIMScheduler``, eta > 0); the
 pipeline's own scheduler is left untouched. Every step makes one batched network call on all
@@ -43,14 +44,16 @@ class ParticlePipelineOutput(BaseOutput):
 class _ParticlePipeline(DiffusionPipeline):
     """Shared machinery: component handling, condition encoding, batched predictions, decoding."""
 
-    _optional_components = ["vae", "text_encoder", "tokenizer", "unet_2"]
-    model_cpu_offload_seq = "text_encoder->unet->unet_2->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "unet_2"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->unet_2->vae"
 
     def __init__(self, unet: torch.nn.Module, scheduler: Any, vae: Any = None, text_encoder: Any = None,
-                 tokenizer: Any = None, unet_2: torch.nn.Module | None = None):
+                 tokenizer: Any = None, text_encoder_2: Any = None, tokenizer_2: Any = None,
+                 unet_2: torch.nn.Module | None = None, force_zeros_for_empty_prompt: bool = True):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                              unet_2=unet_2)
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, unet_2=unet_2)
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
         if vae is not None:
             self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
             self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -58,26 +61,30 @@ class _ParticlePipeline(DiffusionPipeline):
     @classmethod
     def from_pipe(cls, pipeline: DiffusionPipeline, second_model: DiffusionPipeline | torch.nn.Module | None = None,
                   **kwargs: Any) -> _ParticlePipeline:
-        """Reuse the components of a StableDiffusionPipeline or DigitsPipeline (no copies).
+        """Reuse the components of a StableDiffusion(XL)Pipeline or DigitsPipeline (no copies).
 
         ``second_model`` (a pipeline or a UNet with the same latent space and noise schedule) adds
         a second denoiser, e.g. for SuperDiff OR of two models.
         """
         components = getattr(pipeline, "components", {})
-        if "unet" not in components or "scheduler" not in components:
-            raise ValueError(f"{cls.__name__}.from_pipe needs a pipeline with a `unet` and a `scheduler` "
-                             f"(StableDiffusionPipeline or DigitsPipeline); got {type(pipeline).__name__}.")
-        if "text_encoder_2" in components:
-            raise ValueError(f"{cls.__name__} supports StableDiffusionPipeline and DigitsPipeline components; SDXL "
-                             "(two text encoders and added time ids) is not supported yet.")
+        if "unet" not in components or "scheduler" not in components or "text_encoder_3" in components:
+            raise ValueError(f"{cls.__name__}.from_pipe needs a pipeline with a UNet (`unet`) and a `scheduler`: "
+                             f"StableDiffusion, SDXL or DigitsPipeline components; got {type(pipeline).__name__}.")
         unet_2 = getattr(second_model, "unet", second_model)
-        parts = {k: components.get(k) for k in ("unet", "scheduler", "vae", "text_encoder", "tokenizer")}
+        names = ("unet", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+        parts = {k: components.get(k) for k in names}
+        kwargs.setdefault("force_zeros_for_empty_prompt",
+                          bool(getattr(pipeline.config, "force_zeros_for_empty_prompt", True)))
         return cls(**parts, unet_2=unet_2, **kwargs)
 
     # ------------------------------------------------------------------ conditions
     @property
     def uses_text(self) -> bool:
-        return self.text_encoder is not None
+        return self.text_encoder is not None or self.text_encoder_2 is not None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     @property
     def null_condition(self) -> Condition:
@@ -91,21 +98,43 @@ class _ParticlePipeline(DiffusionPipeline):
             raise ValueError(f"this pipeline's conditions are {what}; got {bad!r}.")
 
     @torch.no_grad()
-    def _encode(self, conditions: Sequence[Condition], repeats: int) -> torch.Tensor:
-        """Per-row conditioning: text embeddings (rows, L, D) or class labels (rows,)."""
+    def _encode(self, conditions: Sequence[Condition], repeats: int) -> dict[str, torch.Tensor]:
+        """Per-row conditioning tensors (each repeated ``repeats`` times): class labels, text embeddings,
+        and for SDXL the pooled embedding and the size / crop time ids."""
         self._check_conditions(conditions)
         device = self._execution_device
         if not self.uses_text:
-            return torch.tensor(list(conditions), dtype=torch.long, device=device).repeat_interleave(repeats)
-        tokens = self.tokenizer(list(conditions), padding="max_length", max_length=self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
-        embeds = self.text_encoder(tokens.input_ids.to(device))[0]
-        return embeds.repeat_interleave(repeats, dim=0)
+            return {"class_labels": torch.tensor(list(conditions), dtype=torch.long, device=device).repeat_interleave(repeats)}
+        if not self.is_sdxl:
+            cond = {"encoder_hidden_states": self._text_states(self.tokenizer, self.text_encoder, conditions)[0]}
+        else:
+            first, _ = self._text_states(self.tokenizer, self.text_encoder, conditions, penultimate=True)
+            second, pooled = self._text_states(self.tokenizer_2, self.text_encoder_2, conditions, penultimate=True)
+            states = torch.cat([first, second], dim=-1)
+            if self.config.force_zeros_for_empty_prompt:  # SDXL's unconditional embedding for an empty prompt
+                empty = torch.tensor([c == "" for c in conditions], device=device)
+                states = torch.where(empty[:, None, None], torch.zeros_like(states), states)
+                pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+            height, width = self._pixel_size  # set by _latent_shape
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=states.dtype, device=device)
+            cond = {"encoder_hidden_states": states, "text_embeds": pooled, "time_ids": time_ids.expand(len(conditions), 6)}
+        return {k: v.repeat_interleave(repeats, dim=0) for k, v in cond.items()}
 
-    def _denoise(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        if self.uses_text:
-            return unet(x, t, encoder_hidden_states=cond).sample
-        return unet(x, t, class_labels=cond).sample
+    def _text_states(self, tokenizer: Any, encoder: Any, prompts: Sequence[str], penultimate: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(token states, pooled projection or None) of prompts, as the SD / SDXL pipelines encode them."""
+        tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt")
+        out = encoder(tokens.input_ids.to(self._execution_device), output_hidden_states=penultimate)
+        if not penultimate:
+            return out[0], None
+        return out.hidden_states[-2], out[0]
+
+    def _denoise(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "class_labels" in cond:
+            return unet(x, t, class_labels=cond["class_labels"]).sample
+        added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
+        return unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added or None).sample
 
     def _predictor(self, terms: Sequence[tuple[torch.nn.Module, torch.Tensor]]):
         """``predict(x, t) -> (M, B, ...)``: one batched call per distinct network over all its terms."""
@@ -114,7 +143,7 @@ class _ParticlePipeline(DiffusionPipeline):
             outputs: list[torch.Tensor | None] = [None] * len(terms)
             for net in {id(n): n for n, _ in terms}.values():
                 idx = [i for i, (n, _) in enumerate(terms) if n is net]
-                cond = torch.cat([terms[i][1] for i in idx])
+                cond = {k: torch.cat([terms[i][1][k] for i in idx]) for k in terms[idx[0]][1]}
                 model_in = x.to(net.dtype)
                 out = self._denoise(net, torch.cat([model_in] * len(idx)), t, cond).to(x.dtype)
                 for i, chunk in zip(idx, out.chunk(len(idx))):
@@ -131,6 +160,7 @@ class _ParticlePipeline(DiffusionPipeline):
             return (batch, cfg.in_channels, size, size)
         h = (height or size * self.vae_scale_factor) // self.vae_scale_factor
         w = (width or size * self.vae_scale_factor) // self.vae_scale_factor
+        self._pixel_size = (h * self.vae_scale_factor, w * self.vae_scale_factor)
         return (batch, cfg.in_channels, h, w)
 
     def _stochastic_scheduler(self, steps: int, eta: float, final_sigmas_type: str = "zero") -> EulerDDIMScheduler:
@@ -220,11 +250,12 @@ class FKCPipeline(_ParticlePipeline):
             raise ValueError(f"num_particles must be >= 1, got {num_particles}.")
         term_conditions = [[self.null_condition] * len(groups), [g[0] for g in groups]] if target == "cfg" else \
             [[g[i] for g in groups] for i in range(len(groups[0]))]
+        shape = self._latent_shape(len(groups) * K, height, width)
         terms = [(self.unet, self._encode(conds, K)) for conds in term_conditions]
         scheduler = self._stochastic_scheduler(num_inference_steps, fkc_target.init_noise_scale if eta is None else eta)
         policy = ResamplingPolicy.from_arg(resample, ess_threshold)
         particles = ParticleSystem(len(groups), K, policy, generator=generator)
-        x = self._start(self._latent_shape(len(groups) * K, height, width), generator, latents, fkc_target.init_noise_scale)
+        x = self._start(shape, generator, latents, fkc_target.init_noise_scale)
         result = fkc_sample(self._predictor(terms), scheduler, x, fkc_target, particles, generator=generator,
                             center_increments=center_increments, clamp_increments=clamp_increments,
                             progress=self.progress_bar)
@@ -280,7 +311,7 @@ class SuperDiffPipeline(_ParticlePipeline):
         temperature: float = 1.0,
         prior_weights: Sequence[float] | None = None,
         lift: float = 0.0,
-        estimator: str = "ito",
+        estimator: str = "kernel",
         num_inference_steps: int = 200,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
@@ -291,6 +322,7 @@ class SuperDiffPipeline(_ParticlePipeline):
     ) -> ParticlePipelineOutput | tuple:
         """Run SuperDiff with the ancestral sampler ending at the smallest noise level (every step balanced)."""
         conditions = self._as_list(conditions)
+        shape = self._latent_shape(num_images, height, width)
         if combine_models:
             if self.unet_2 is None:
                 raise ValueError("combine_models=True needs a second model: SuperDiffPipeline.from_pipe(pipe, other_pipe).")
@@ -305,7 +337,7 @@ class SuperDiffPipeline(_ParticlePipeline):
         if guidance_scale > 1:
             terms.append((self.unet, self._encode([self.null_condition], num_images)))
         scheduler = self._stochastic_scheduler(num_inference_steps, 1.0, final_sigmas_type="sigma_min")
-        x = self._start(self._latent_shape(num_images, height, width), generator, latents, 1.0)
+        x = self._start(shape, generator, latents, 1.0)
         result = superdiff_sample(self._predictor(terms), scheduler, x, mode, n, guidance_scale=guidance_scale,
                                   has_uncond=guidance_scale > 1, temperature=temperature, prior_weights=prior_weights,
                                   lift=lift, estimator=estimator, generator=generator, progress=self.progress_bar)

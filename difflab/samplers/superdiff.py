@@ -9,7 +9,11 @@ Over a step k -> k+1 with scores at the *start* of the step and dx = x_{k+1} - x
 
     dlog q^i = -<dx, eps_i>/sigma_k + dlog(alpha) <x_k, eps_i>/sigma_k - dlambda ||eps_i||^2 - d dlog(alpha).
 
-This is the theory's form; the reference code's OR branch has the opposite sign on the quadratic
+This is the theory's form (``estimator="ito"``). Its error is first order in the step size and
+accumulates (about 1 nat over 200 steps in 16-D); the default ``estimator="kernel"`` uses the
+discrete chain's identity q_{k+1}(x') = q_k(x) q(x' | x) / q_fwd(x | x') with model i's ancestral
+Gaussian step as q(x' | x), which tends to the Ito form as steps shrink and is several times more
+accurate at the same steps. The reference code's OR branch has the opposite sign on the quadratic
 term and drifts by hundreds of nats (pitfall 1), so it is not what is implemented here.
 
 **OR** (mixture sum_i omega_i q^i): kappa = softmax(T (log q^i + log omega_i)); with T = 1 the
@@ -171,7 +175,7 @@ def superdiff_sample(
     prior_weights: Sequence[float] | None = None,
     lift: Sequence[float] | float = 0.0,
     coincide_tol: float = 1e-8,
-    estimator: str = "ito",
+    estimator: str = "kernel",
     generator: torch.Generator | None = None,
     particles: ParticleSystem | None = None,
     holders: Sequence[object] = (),
@@ -187,8 +191,11 @@ def superdiff_sample(
         mode: ``"or"`` (mixture, weights ``prior_weights``, softmax temperature ``temperature``)
             or ``"and"`` (equal densities, optional ``lift`` of model i over model 1); ``"average"``
             is the uncorrected baseline with kappa fixed at the prior weights.
-        estimator: ``"ito"`` (the theory's discrete Ito form, default) or ``"kernel"`` (log-ratio of
-            the chain's Gaussian kernels); see :data:`ESTIMATORS`.
+        estimator: ``"kernel"`` (default: log-ratio of the chain's Gaussian kernels) or ``"ito"``
+            (the theory's left-point Ito form). Both use start-of-step predictions and the pre-drawn
+            noise; on a 16-D mixture with 200 ancestral steps the kernel form tracks the exact
+            log q_t to 0.16 nats on average, the left-point form drifts by about 1 nat (its error is
+            first order in the step size; docs/benchmarks/composition.md).
         particles: optional particle system; its holders are re-indexed together with the
             SuperDiff state when it resamples.
     """

@@ -68,11 +68,24 @@ def test_fkc_and_superdiff_on_tiny_stable_diffusion():
     assert ored.images.shape == (2, 3, 64, 64)
 
 
-def test_from_pipe_refuses_what_it_cannot_serve():
+def test_fkc_and_superdiff_on_tiny_sdxl_pass_pooled_embeddings_and_time_ids():
     from difflab.models.tiny import tiny_sdxl_pipeline
 
-    with pytest.raises(ValueError, match="SDXL"):
-        FKCPipeline.from_pipe(tiny_sdxl_pipeline())
+    pipe = _quiet(tiny_sdxl_pipeline())
+    fkc = _quiet(FKCPipeline.from_pipe(pipe))
+    with count_denoiser_calls(fkc) as counter:
+        out = fkc(prompt="a cat", guidance_scale=2.0, num_particles=2, num_inference_steps=3,
+                  generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert out.images.shape == (1, 3, 64, 64) and counter.calls == 3
+    sd = _quiet(SuperDiffPipeline.from_pipe(pipe))
+    assert len(sd(conditions=["a cat", "a hat"], num_images=1, num_inference_steps=3, output_type="pil").images) == 1
+
+
+def test_from_pipe_refuses_what_it_cannot_serve():
+    from difflab.models.tiny import tiny_sd3_pipeline
+
+    with pytest.raises(ValueError, match="UNet"):
+        FKCPipeline.from_pipe(tiny_sd3_pipeline())
     sd = _quiet(SuperDiffPipeline.from_pipe(tiny_sd_pipeline()))
     with pytest.raises(ValueError, match="second model"):
         sd(conditions=["a"], combine_models=True, num_inference_steps=2)
