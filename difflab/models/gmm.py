@@ -118,6 +118,10 @@ class GaussianMixture:
         log_w = torch.where(member, log_w, torch.full_like(log_w, -math.inf))
         return log_w - torch.logsumexp(log_w, dim=1, keepdim=True)
 
+    def noised(self, alpha: float, sigma: float) -> GaussianMixture:
+        """The marginal q_t of x_t = alpha x0 + sigma eps: the same mixture with alpha mu_k, alpha^2 v_k + sigma^2."""
+        return GaussianMixture(alpha * self.means, alpha**2 * self.variances + sigma**2, self.weights, self.component_classes)
+
     def restrict(self, class_label: int) -> GaussianMixture:
         """The mixture of one class (its components, renormalized weights)."""
         if self.component_classes is None or class_label == self.n_classes:

@@ -226,7 +226,7 @@ class FKCPipeline(_ParticlePipeline):
         resample: str | bool | ResamplingPolicy | None = "systematic",
         ess_threshold: float | None = None,
         num_inference_steps: int = 100,
-        eta: float | None = None,
+        eta: float = 1.0,
         center_increments: bool = False,
         clamp_increments: float | None = None,
         return_all_particles: bool = False,
@@ -240,7 +240,10 @@ class FKCPipeline(_ParticlePipeline):
     ) -> ParticlePipelineOutput | tuple:
         """Run FKC; returns one image per group (picked by weight) or all particles.
 
-        ``eta`` defaults to 1/sqrt(sum of exponents), the tempered-noise SDE (1 for CFG).
+        Sampling ends at the smallest trained noise level: a last jump to the clean point with the
+        combined prediction (beta times the score for annealing) would shrink the result.
+        ``eta = 1`` (ancestral) is the default: with less noise, copies made by resampling stay
+        together and the particle cloud shrinks (docs/benchmarks/composition.md).
         ``center_increments`` / ``clamp_increments`` tame weight degeneracy and bias the target.
         """
         groups = self._groups(prompt, class_labels, target)
@@ -252,7 +255,7 @@ class FKCPipeline(_ParticlePipeline):
             [[g[i] for g in groups] for i in range(len(groups[0]))]
         shape = self._latent_shape(len(groups) * K, height, width)
         terms = [(self.unet, self._encode(conds, K)) for conds in term_conditions]
-        scheduler = self._stochastic_scheduler(num_inference_steps, fkc_target.init_noise_scale if eta is None else eta)
+        scheduler = self._stochastic_scheduler(num_inference_steps, eta, final_sigmas_type="sigma_min")
         policy = ResamplingPolicy.from_arg(resample, ess_threshold)
         particles = ParticleSystem(len(groups), K, policy, generator=generator)
         x = self._start(shape, generator, latents, fkc_target.init_noise_scale)

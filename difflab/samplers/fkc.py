@@ -21,6 +21,12 @@ The initial particles come from the normalized ``prod_i N(0, I)^beta_i = N(0, I 
 for annealing). The increment of the final step to a clean point (lambda = inf) is not defined in
 this form; that step is taken without weighting and particles do not resample on it.
 
+The increment does not depend on the sampler's noise level in continuous time, but with little
+noise (eta < 1) the copies that resampling makes stay together and the particle cloud shrinks; use
+eta = 1. For the same reason a final deterministic jump to the clean point with the combined
+prediction distorts tempered targets: end at the smallest trained noise level
+(``final_sigmas_type="sigma_min"``), as the pipelines do.
+
 Weight degeneracy is the practical problem (on high-dimensional latents increments reach
 hundreds of nats). ``clamp_increments`` / ``center_increments`` are the reference image code's
 remedy (it centres and clamps to [-2, 2]); both bias the target and are off by default.
