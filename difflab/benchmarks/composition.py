@@ -107,22 +107,32 @@ def fkc_case(name: str, dim: int) -> FKCCase:
     raise ValueError(f"unknown FKC case {name!r}; use one of {FKC_CASES}.")
 
 
-def run_fkc_case(case: FKCCase, steps: int, num_particles: int, corrected: bool, seed: int = 0) -> torch.Tensor:
-    """Samples of FKC (``corrected``) or of the same SDE without weights (the baseline)."""
+def run_fkc_case(case: FKCCase, steps: int, num_particles: int, corrected: bool, seed: int = 0,
+                 ess_threshold: float | None = None) -> torch.Tensor:
+    """Samples of FKC (``corrected``) or of the same SDE without weights (the baseline).
+
+    ``ess_threshold`` resamples only when ESS / K falls below it, then once more at the end so the
+    returned particles are equally weighted; ``None`` resamples at every step.
+    """
     scheduler = stochastic_scheduler(steps, eta=1.0)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(num_particles, case.dim, generator=generator, dtype=torch.float64) * case.target.init_noise_scale
-    particles = ParticleSystem(1, num_particles, ResamplingPolicy() if corrected else None, generator=generator)
-    return fkc_sample(case.predict, scheduler, x, case.target, particles, generator=generator).samples
+    policy = ResamplingPolicy(ess_threshold=ess_threshold) if corrected else None
+    particles = ParticleSystem(1, num_particles, policy, generator=generator)
+    samples = fkc_sample(case.predict, scheduler, x, case.target, particles, generator=generator).samples
+    if corrected and ess_threshold is not None:
+        samples = samples[particles.resample_indices()]
+    return samples
 
 
-def fkc_energy(name: str, dim: int, steps: int, num_particles: int, seed: int = 0) -> tuple[float, float, float]:
+def fkc_energy(name: str, dim: int, steps: int, num_particles: int, seed: int = 0,
+               ess_threshold: float | None = None) -> tuple[float, float, float]:
     """(baseline, FKC, exact-vs-exact floor) energy distances to exact samples of the target."""
     case = fkc_case(name, dim)
     exact = case.exact(num_particles, torch.Generator().manual_seed(seed + 100))
     floor = energy_distance(case.exact(num_particles, torch.Generator().manual_seed(seed + 200)), exact)
     base = energy_distance(run_fkc_case(case, steps, num_particles, False, seed), exact)
-    fkc = energy_distance(run_fkc_case(case, steps, num_particles, True, seed), exact)
+    fkc = energy_distance(run_fkc_case(case, steps, num_particles, True, seed, ess_threshold), exact)
     return base, fkc, floor
 
 
@@ -195,6 +205,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--particles", type=int, default=2000, help="particles (= samples) per run")
     parser.add_argument("--dims", type=int, nargs="+", default=[8, 2], help="dimensions of the FKC mixtures")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--ess-threshold", type=float, default=None,
+                        help="FKC resamples only below this ESS/K (default: every step)")
+    parser.add_argument("--fkc-only", action="store_true", help="only the FKC tables")
     parser.add_argument("--digit-steps", type=int, default=100)
     parser.add_argument("--digit-images", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/composition.md"))
@@ -262,14 +275,16 @@ def digits_and(steps: int, num_images: int, png: Path) -> list[str]:
 
 def fkc_table(dim: int, args: argparse.Namespace, progress: tqdm) -> list[str]:
     """Rows of the FKC table for one dimension (mean over seeds, and the per-seed ratios)."""
-    lines = [f"### FKC, {dim}-D mixtures, {args.steps} steps, {args.particles} particles, {args.seeds} seeds (mean)\n",
+    when = "every step" if args.ess_threshold is None else f"when ESS/K < {args.ess_threshold:g}"
+    lines = [f"### FKC, {dim}-D mixtures, {args.steps} steps, {args.particles} particles, resampling {when}, "
+             f"{args.seeds} seeds (mean)\n",
              "| target | baseline energy distance | FKC energy distance | reduction | FKC / baseline per seed | "
              "exact-vs-exact floor |",
              "|---|---|---|---|---|---|"]
     for name in FKC_CASES:
         runs = []
         for seed in range(args.seeds):
-            runs.append(fkc_energy(name, dim, args.steps, args.particles, seed))
+            runs.append(fkc_energy(name, dim, args.steps, args.particles, seed, args.ess_threshold))
             progress.update(1)
         base, fkc, floor = (sum(r[j] for r in runs) / len(runs) for j in range(3))
         per_seed = ", ".join(f"{r[1] / r[0]:.2f}" for r in runs)
@@ -278,49 +293,57 @@ def fkc_table(dim: int, args: argparse.Namespace, progress: tqdm) -> list[str]:
     return lines + [""]
 
 
+def density_and_superdiff_tables(args: argparse.Namespace, progress: tqdm) -> list[str]:
+    """The Ito-estimator table, the SuperDiff tables, the scatter figure and the digits AND grid."""
+    seeds = range(args.seeds)
+    lines = ["", "### Ito density estimator, 16-D mixture, 500 ancestral trajectories\n",
+             "| estimator | steps | mean abs error over all steps (nats) | at the last noisy level (nats) |", "|---|---|---|---|"]
+    for estimator in ("ito", "kernel"):
+        for steps in (200, 800):
+            mean_err, last_err = density_tracking_error(estimator, steps=steps)
+            lines.append(f"| {estimator} | {steps} | {mean_err:.3f} | {last_err:.3f} |")
+            progress.update(1)
+    lines += ["", f"### SuperDiff, 2-D, {args.steps} steps, {args.particles} samples, {args.seeds} seeds (mean)\n",
+              "| combination | estimator | measure | value |", "|---|---|---|---|"]
+    for estimator in ("ito", "kernel"):
+        for prior in ((0.5, 0.5), (0.8, 0.2)):
+            share = sum(or_share(run_superdiff(OR_MODELS, "or", args.steps, args.particles, prior, estimator, s))
+                        for s in seeds) / args.seeds
+            lines.append(f"| OR, prior weights {prior} | {estimator} | share of samples on model 1 | {share:.3f} |")
+        progress.update(1)
+        for mode in ("and", "average"):
+            share = sum(and_share(run_superdiff(AND_MODELS, mode, args.steps, args.particles, None, estimator, s))
+                        for s in seeds) / args.seeds
+            label = "AND" if mode == "and" else "baseline: kappa fixed at 0.5"
+            lines.append(f"| {label} | {estimator} | share with densities within a factor e | {share:.3f} |")
+            progress.update(1)
+    scatter_figure(args.steps, args.particles, args.out.with_suffix(".png"))
+    progress.update(1)
+    digits_png = args.out.with_name(args.out.stem + "-digits-and.png")
+    lines += ["", f"### SuperDiff AND of two digit classes on digits-ddpm ({args.digit_steps} steps, "
+              f"{args.digit_images} images per row)\n",
+              f"![AND of two digit classes]({digits_png.name})\n",
+              "Rows of the picture in the table's order. Classifier probabilities of the two classes (mean), and "
+              "the mean of the smaller of the two (high only when an image reads as both digits).\n",
+              "| classes | method | p(first) / p(second) | mean min(p) |", "|---|---|---|---|"]
+    lines += digits_and(args.digit_steps, args.digit_images, digits_png)
+    progress.update(1)
+    return lines
+
+
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
     start = time.time()
-    seeds = range(args.seeds)
     lines = []
-    with tqdm(total=len(FKC_CASES) * args.seeds * len(args.dims) + 10, desc="composition", unit="run") as progress:
+    extra = 0 if args.fkc_only else 10
+    with tqdm(total=len(FKC_CASES) * args.seeds * len(args.dims) + extra, desc="composition", unit="run") as progress:
         for dim in args.dims:
             lines += fkc_table(dim, args, progress)
-        lines += ["", "### Ito density estimator, 16-D mixture, 500 ancestral trajectories\n",
-                  "| estimator | steps | mean abs error over all steps (nats) | at the last noisy level (nats) |", "|---|---|---|---|"]
-        for estimator in ("ito", "kernel"):
-            for steps in (200, 800):
-                mean_err, last_err = density_tracking_error(estimator, steps=steps)
-                lines.append(f"| {estimator} | {steps} | {mean_err:.3f} | {last_err:.3f} |")
-                progress.update(1)
-        lines += ["", f"### SuperDiff, 2-D, {args.steps} steps, {args.particles} samples, {args.seeds} seeds (mean)\n",
-                  "| combination | estimator | measure | value |", "|---|---|---|---|"]
-        for estimator in ("ito", "kernel"):
-            for prior in ((0.5, 0.5), (0.8, 0.2)):
-                share = sum(or_share(run_superdiff(OR_MODELS, "or", args.steps, args.particles, prior, estimator, s))
-                            for s in seeds) / args.seeds
-                lines.append(f"| OR, prior weights {prior} | {estimator} | share of samples on model 1 | {share:.3f} |")
-            progress.update(1)
-            for mode in ("and", "average"):
-                share = sum(and_share(run_superdiff(AND_MODELS, mode, args.steps, args.particles, None, estimator, s))
-                            for s in seeds) / args.seeds
-                label = "AND" if mode == "and" else "baseline: kappa fixed at 0.5"
-                lines.append(f"| {label} | {estimator} | share with densities within a factor e | {share:.3f} |")
-                progress.update(1)
-        png = args.out.with_suffix(".png")
-        scatter_figure(args.steps, args.particles, png)
-        progress.update(1)
-        digits_png = args.out.with_name(args.out.stem + "-digits-and.png")
-        lines += ["", f"### SuperDiff AND of two digit classes on digits-ddpm ({args.digit_steps} steps, "
-                  f"{args.digit_images} images per row)\n",
-                  f"![AND of two digit classes]({digits_png.name})\n",
-                  "Rows of the picture in the table's order. Classifier probabilities of the two classes (mean), and "
-                  "the mean of the smaller of the two (high only when an image reads as both digits).\n",
-                  "| classes | method | p(first) / p(second) | mean min(p) |", "|---|---|---|---|"]
-        lines += digits_and(args.digit_steps, args.digit_images, digits_png)
-        progress.update(1)
+        if not args.fkc_only:
+            lines += density_and_superdiff_tables(args, progress)
     table = "\n".join(lines)
+    picture = None if args.fkc_only else args.out.with_suffix(".png").name
     write_report(args.out, "Composition: FKC and SuperDiff on exact Gaussian-mixture targets", "composition", argv,
-                 time.time() - start, __doc__.split("\n\n", 1)[1], table + "\n", png.name)
+                 time.time() - start, __doc__.split("\n\n", 1)[1], table + "\n", picture)
     print(table)
     return table
 
