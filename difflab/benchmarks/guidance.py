@@ -79,6 +79,25 @@ def methods(pipe, w: float, steps: int, fit_seed: int) -> dict[str, Guider]:
     }
 
 
+def count_network_rows(pipe) -> dict[str, int]:
+    """A live tally ``{"n": rows}`` of rows the UNet really evaluates (hook on its first convolution,
+    which sees only the rows the guidance adapter kept)."""
+    first = next(m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    rows = {"n": 0}
+    first.register_forward_hook(lambda mod, inp, out: rows.__setitem__("n", rows["n"] + inp[0].shape[0]))
+    return rows
+
+
+def guided_samples(pipe, guider: Guider, scale: float, steps: int, labels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Model-space samples (before clipping) of ``pipe`` with ``guider`` attached for this call only."""
+    attach(pipe, guider)
+    try:
+        return pipe(class_labels=labels, guidance_scale=scale, num_inference_steps=steps, latents=noise.clone(),
+                    output_type="latent").images
+    finally:
+        detach(pipe)
+
+
 SHORT_NAMES = {"CFG": "CFG", "diffusers APG (defaults)": "dAPG", "difflab APG": "APG", "difflab APG r0.1 eta1": "APGt",
                "AG (x0, 0.96)": "AG", "LinearAG": "LAG", "CFG cut-off at half": "half"}
 SWEEP_RADII = (0.94, 0.5, 0.25, 0.1)  # absolute radii on 16x16 digits (0.94 = 15 scaled to the image size)
@@ -99,10 +118,7 @@ def apg_sweep(pipe, scales: list[float], steps: int, per_class: int, noise_seed:
                         for r in SWEEP_RADII for eta in SWEEP_ETAS})
         cfg_share = None
         for name, guider in tqdm(guiders.items(), desc=f"APG sweep w={w:g}", unit="run", leave=False):
-            attach(pipe, guider)
-            x = pipe(class_labels=labels, guidance_scale=w, num_inference_steps=steps, latents=noise.clone(),
-                     output_type="latent").images
-            detach(pipe)
+            x = guided_samples(pipe, guider, w, steps, labels, noise)
             score = evaluate_digits(x.clamp(-1, 1), labels)
             share = (x.abs() > 1).float().mean().item()
             cfg_share = share if cfg_share is None else cfg_share
@@ -120,23 +136,17 @@ def ag_sweep(pipe, scale: float, steps: int, per_class: int, noise_seed: int = 1
 
     labels = torch.arange(10).repeat_interleave(per_class)
     noise = torch.randn(len(labels), 1, 16, 16, generator=torch.Generator().manual_seed(noise_seed))
-    first = next(m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d))
-    rows = {"n": 0}
-    hook = first.register_forward_hook(lambda mod, inp, out: rows.__setitem__("n", rows["n"] + inp[0].shape[0]))
+    rows = count_network_rows(pipe)
     lines = [f"### AG threshold sweep (scale {scale:g}, {per_class} per class, starting noise seed {noise_seed})\n",
              "| guider | accuracy | FD-digits | denoiser rows | rows saved |", "|---|---|---|---|---|"]
     guiders = {"CFG": CFG(scale), **{f"AG {g:g}": AdaptiveGuidance(scale, threshold=g) for g in AG_THRESHOLDS}}
     cfg_rows = None
     for name, guider in tqdm(guiders.items(), desc="AG sweep", unit="run", leave=False):
-        attach(pipe, guider)
         rows["n"] = 0
-        x = pipe(class_labels=labels, guidance_scale=scale, num_inference_steps=steps, latents=noise.clone(),
-                 output_type="latent").images
-        detach(pipe)
+        x = guided_samples(pipe, guider, scale, steps, labels, noise)
         score = evaluate_digits(x.clamp(-1, 1), labels)
         cfg_rows = rows["n"] if cfg_rows is None else cfg_rows
         lines.append(f"| {name} | {score.accuracy:.3f} | {score.fd_digits:.1f} | {rows['n']} | {1 - rows['n'] / cfg_rows:.1%} |")
-    hook.remove()
     return lines
 
 
@@ -159,9 +169,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
     pipe = load("digits-ddpm")
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = get_scheduler("dpm++2m", pipe.scheduler.config)
-    first = next(m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d))
-    rows = {"n": 0}
-    first.register_forward_hook(lambda mod, inp, out: rows.__setitem__("n", rows["n"] + inp[0].shape[0]))
+    rows = count_network_rows(pipe)
     labels = torch.arange(10).repeat_interleave(args.per_class)
     noise = torch.randn(len(labels), 1, 16, 16, generator=torch.Generator().manual_seed(0))
     lines = ["| scale | method | accuracy | FD-digits | beyond [-1, 1] | mean abs pixel | denoiser rows |", "|---|---|---|---|---|---|---|"]
@@ -169,11 +177,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
     with tqdm(total=7 * len(args.scales), desc="guidance", unit="run") as progress:
         for w in args.scales:
             for name, guider in methods(pipe, w, args.steps, fit_seed=1).items():
-                attach(pipe, guider)
                 rows["n"] = 0
-                x = pipe(class_labels=labels, guidance_scale=w, num_inference_steps=args.steps, latents=noise.clone(),
-                         output_type="latent").images
-                detach(pipe)
+                x = guided_samples(pipe, guider, w, args.steps, labels, noise)
                 score = evaluate_digits(x.clamp(-1, 1), labels)
                 lines.append(f"| {w:g} | {name} | {score.accuracy:.3f} | {score.fd_digits:.2f} | "
                              f"{(x.abs() > 1).float().mean():.4f} | {x.abs().mean():.3f} | {rows['n']} |")

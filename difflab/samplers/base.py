@@ -235,6 +235,17 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
         nxt = (float(self._alphas[index + 1]), float(self._sigmas[index + 1]), float(self._lambdas[index + 1]))
         return here + nxt
 
+    def output_to_eps(self, output: torch.Tensor, sample: torch.Tensor, index: int) -> torch.Tensor:
+        """Model output(s) of this scheduler's prediction type at step ``index`` -> eps (stacked outputs broadcast)."""
+        alpha, sigma = self.noise_levels(index)[:2]
+        return self.noise_schedule.to_x0_eps(output, sample, alpha, sigma, self.prediction_type)[1]
+
+    def eps_to_output(self, eps: torch.Tensor, sample: torch.Tensor, index: int) -> torch.Tensor:
+        """An eps prediction at step ``index`` -> this scheduler's prediction type."""
+        alpha, sigma = self.noise_levels(index)[:2]
+        x0, eps = self.noise_schedule.to_x0_eps(eps, sample, alpha, sigma, "epsilon")
+        return self.noise_schedule.from_x0_eps(x0, eps, alpha, sigma, self.prediction_type)
+
     # ------------------------------------------------------------------ timesteps
     def set_timesteps(
         self,

@@ -125,20 +125,6 @@ def require_stochastic(scheduler: object, method: str) -> DifflabScheduler:
     return scheduler
 
 
-def predictions_to_eps(scheduler: DifflabScheduler, outputs: torch.Tensor, sample: torch.Tensor, index: int) -> torch.Tensor:
-    """Stacked model outputs (M, B, ...) of the scheduler's prediction type -> eps predictions."""
-    alpha, sigma = scheduler.noise_levels(index)[:2]
-    _, eps = scheduler.noise_schedule.to_x0_eps(outputs, sample, alpha, sigma, scheduler.prediction_type)
-    return eps
-
-
-def eps_to_prediction(scheduler: DifflabScheduler, eps: torch.Tensor, sample: torch.Tensor, index: int) -> torch.Tensor:
-    """An eps prediction at step ``index`` -> the scheduler's prediction type."""
-    alpha, sigma = scheduler.noise_levels(index)[:2]
-    x0 = (sample - sigma * eps) / alpha
-    return scheduler.noise_schedule.from_x0_eps(x0, eps, alpha, sigma, scheduler.prediction_type)
-
-
 def shape_increments(increment: torch.Tensor, num_groups: int, center: bool, clamp: float | None) -> torch.Tensor:
     """Optional centring (per group) and clamping of log-weight increments; both bias the target."""
     if center:
@@ -177,13 +163,13 @@ def fkc_sample(
     timesteps = scheduler.timesteps
     n = len(timesteps)
     for i, t in enumerate(progress(timesteps) if progress else timesteps):
-        eps = predictions_to_eps(scheduler, predict(x, t), x, i)
+        eps = scheduler.output_to_eps(predict(x, t), x, i)
         if i < n - 1:
             _, _, lam, _, _, lam_next = scheduler.noise_levels(i)
             increment = target.log_weight_increment(eps, lam_next - lam)
             particles.add_log_weights(shape_increments(increment.cpu(), particles.num_groups, center_increments,
                                                        clamp_increments))
-        guided = eps_to_prediction(scheduler, target.combine(eps), x, i)
+        guided = scheduler.eps_to_output(target.combine(eps), x, i)
         x = scheduler.step(guided, t, x, generator=generator).prev_sample
         x = particles.step(i, n, x)
     return ParticleOutput(x, particles.log_weights.clone(), list(particles.history))

@@ -44,7 +44,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..schedule import stochastic_step_coefficients
 from .base import DifflabScheduler
-from .fkc import eps_to_prediction, predictions_to_eps, require_stochastic
+from .fkc import require_stochastic
 from .smc import ParticleSystem
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -228,7 +228,7 @@ def superdiff_sample(
     n = len(timesteps)
     kappas = []
     for i, t in enumerate(progress(timesteps) if progress else timesteps):
-        eps_all = predictions_to_eps(scheduler, predict(x, t), x, i).double()
+        eps_all = scheduler.output_to_eps(predict(x, t), x, i).double()
         eps, eps_u = (eps_all[:num_models], eps_all[num_models]) if has_uncond else (eps_all, None)
         levels = scheduler.noise_levels(i)
         alpha, sigma, lam, alpha_next, sigma_next, lam_next = levels
@@ -251,7 +251,7 @@ def superdiff_sample(
                               coincide_tol)
         state.kappa = kappa
         combined = free + w * (kappa.reshape(*kappa.shape, *([1] * (eps.ndim - 2))) * eps).sum(0)
-        guided = eps_to_prediction(scheduler, combined, x.double(), i)
+        guided = scheduler.eps_to_output(combined, x.double(), i)
         x_next = scheduler.step(guided.to(x.dtype), t, x, variance_noise=noise.to(x.dtype)).prev_sample
         if not last:
             increment = estimate(x.double(), x_next.double(), eps, levels, coefs)
