@@ -195,6 +195,54 @@ def _fid_stats(args: argparse.Namespace) -> None:
               f"{len(stats.mu)}-d features" + (", features kept for KID" if args.keep_features else ""))
 
 
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    search = sub.add_parser("search", help="S^3: search a USF solver schedule for a model and NFE budget",
+                            description="Search a USF decision list (difflab.samplers.search); writes it as JSON for "
+                            "USFScheduler(decisions=PATH). Resumable: run again with the same --log.")
+    search.add_argument("--model", default="gmm", help="gmm (the Gaussian mixture), digits-ddpm, digits-flow or a pipeline directory")
+    search.add_argument("--nfe", type=int, nargs="+", required=True, help="model calls per sample (one search per value)")
+    search.add_argument("--metric", choices=["rmse", "fd"], default="rmse",
+                        help="rmse: distance to an accurate solution from the same noise; fd: FD-digits (digits models)")
+    search.add_argument("--mode", choices=["predictor", "evolution"], default="predictor",
+                        help="predictor: S^3's predictor-based multi-stage search; evolution: the plain baseline")
+    search.add_argument("--max-evaluations", type=int, default=400)
+    search.add_argument("--max-minutes", type=float, default=None, help="wall-time budget per NFE")
+    search.add_argument("--setting", default="vp-scaled_linear", help="gmm: vp-scaled_linear, vp-linear or flow")
+    search.add_argument("--dim", type=int, default=16, help="gmm: dimension")
+    search.add_argument("--num-samples", type=int, default=None, help="starting noises the search scores on")
+    search.add_argument("--heldout-samples", type=int, default=None, help="other starting noises for the final score")
+    search.add_argument("--guidance-scale", type=float, default=1.0, help="digits models: classifier-free guidance")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--log", type=Path, default=None, help="JSON-lines evaluation log (resume source); default OUT.nfeN.jsonl")
+    search.add_argument("--out", type=Path, default=Path("usf_schedule.json"))
+    search.set_defaults(func=_search)
+
+
+def _search(args: argparse.Namespace) -> None:
+    import json
+
+    from .samplers.search import s3_search
+    from .samplers.search_objectives import build_objective
+
+    schedules = {}
+    for nfe in args.nfe:
+        objective, space = build_objective(args.model, args.metric, nfe, setting=args.setting, dim=args.dim,
+                                           num_samples=args.num_samples, heldout_samples=args.heldout_samples,
+                                           guidance_scale=args.guidance_scale, seed=args.seed)
+        log = args.log.with_suffix(f".nfe{nfe}.jsonl") if args.log else args.out.with_suffix(f".nfe{nfe}.jsonl")
+        result = s3_search(objective, space, mode=args.mode, max_evaluations=args.max_evaluations,
+                           max_minutes=args.max_minutes, seed=args.seed, log_path=log)
+        result.best["metadata"].update(model=args.model, metric=args.metric, heldout_score=result.heldout_score,
+                                       seconds=round(result.seconds, 1))
+        schedules[str(nfe)] = result.best
+        print(f"NFE {nfe}: {args.metric} {result.search_score:.4g} on the search noise, {result.heldout_score:.4g} held out "
+              f"({result.evaluations} evaluations, {result.seconds:.0f} s; log {log})")
+    data = schedules[str(args.nfe[0])] if len(args.nfe) == 1 else {"schedules": schedules}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {args.out}: USFScheduler.from_config(pipe.scheduler.config, decisions={str(args.out)!r})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -210,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models(sub)
     _add_guidance(sub)
     _add_fid(sub)
+    _add_search(sub)
     return parser
 
 

@@ -12,6 +12,7 @@ from .lml import LMLScheduler, lml_correct
 from .momentum import DPMSolverHBScheduler, GHVBScheduler, PLMSHBScheduler, UniPCHBScheduler
 from .smc import ParticleSystem, ResamplingPolicy, effective_sample_size
 from .superdiff import SuperDiffOutput, superdiff_sample
+from .usf import SolverSchedule, USFScheduler
 
 SCHEDULERS: dict[str, type[DifflabScheduler]] = {
     "euler-ddim": EulerDDIMScheduler,
@@ -20,6 +21,7 @@ SCHEDULERS: dict[str, type[DifflabScheduler]] = {
     "dpm-hb": DPMSolverHBScheduler,
     "unipc-hb": UniPCHBScheduler,
     "lml": LMLScheduler,
+    "usf": USFScheduler,
 }
 
 # diffusers schedulers reachable by a short name from the CLI and the benchmarks
@@ -95,6 +97,8 @@ __all__ = [
     "LMLScheduler",
     "PLMSHBScheduler",
     "UniPCHBScheduler",
+    "USFScheduler",
+    "SolverSchedule",
     "SCHEDULERS",
     "SchedulerOutput",
     "StepState",
