@@ -15,6 +15,7 @@ BENCHMARKS = {
     "guidance": ("difflab.benchmarks.guidance", "CFG, APG (difflab and diffusers), AG, LinearAG on digits-ddpm"),
     "fid": ("difflab.benchmarks.fid", "FID / KID against clean-fid: values and time (needs the eval extra)"),
     "composition": ("difflab.benchmarks.composition", "FKC and SuperDiff on exact Gaussian-mixture targets; AND of digits"),
+    "usf": ("difflab.benchmarks.usf", "S^3-searched USF schedules against diffusers' solvers per NFE"),
 }
 
 

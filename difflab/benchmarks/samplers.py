@@ -28,7 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.gmm import GaussianMixture, GMMDenoiser, probability_flow_ode
-from ..samplers import SCHEDULERS
+from ..samplers import SCHEDULERS, USFScheduler
+from ..samplers.usf import packaged_presets
 from ..schedule import NoiseSchedule
 from .report import bench_main, write_report
 
@@ -126,7 +127,25 @@ def run_setting(setting: str, dim: int, nfes: tuple[int, ...], n_samples: int, s
             results.append(Result(setting, dim, label, calls, rmse, mixture.log_prob(x).mean().item()))
             if progress is not None:
                 progress.update(1)
+    results += searched_rows(setting, dim, nfes, model, noise, reference, mixture)
     return results
+
+
+def searched_rows(setting: str, dim: int, nfes: tuple[int, ...], model: GMMDenoiser, noise: torch.Tensor,
+                  reference: torch.Tensor, mixture: GaussianMixture) -> list[Result]:
+    """Rows of the packaged S^3-searched USF schedules for this setting and dimension (docs/benchmarks/usf.md)."""
+    name = f"gmm{dim}-{setting}"
+    if name not in packaged_presets():
+        return []
+    rows = []
+    for nfe in nfes:
+        sched = USFScheduler.from_config(base_config(setting), decisions=name)
+        if nfe not in sched.available_nfes:
+            continue
+        x, calls = drive(sched, model, noise, nfe)
+        rmse = (x - reference).pow(2).mean().sqrt().item()
+        rows.append(Result(setting, dim, "difflab usf searched", calls, rmse, mixture.log_prob(x).mean().item()))
+    return rows
 
 
 def format_tables(results: list[Result], nfes: tuple[int, ...]) -> str:
@@ -222,7 +241,9 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
             "flow ODE solved with DOP853 (rtol 1e-9) down to timestep 0 and finished with the exact posterior mean. "
             "A cell `x (n)` used n model calls where the budget could not be met exactly (Heun: 2 per step but the last). "
             "difflab's momentum schedulers run with their defaults (beta 0.8, GHVB r = 3.8): momentum trades a little "
-            "accuracy for stability (see stability.md).\n"
+            "accuracy for stability (see stability.md). `difflab usf` is the USF scheduler with its default decision "
+            "list (DPM-Solver++ 2M); `difflab usf searched` the packaged S^3-searched schedule for the setting and "
+            "dimension (searched on other starting noise; see usf.md), where one exists.\n"
         )
         write_report(out, "Samplers on the Gaussian mixture: quality versus NFE", "samplers", argv, elapsed, intro,
                      tables, png.name if plot(results, png) else None)

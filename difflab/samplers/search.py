@@ -97,13 +97,15 @@ class SearchSpace:
 
     schedule: NoiseSchedule
     nfe: int
-    t_min: float = 0.0
+    t_min: float | None = None  # lowest evaluation timestep; default 0 (VP) or 1 (flow, sigma = 0.001)
     allow_afs: bool = True
     max_order: int = MAX_ORDER
 
     def __post_init__(self) -> None:
         if self.nfe < 1:
             raise ValueError(f"the NFE budget must be >= 1, got {self.nfe}.")
+        if self.t_min is None:
+            self.t_min = 1.0 if self.schedule.kind == "flow" else 0.0
         t_max = self.schedule.t_max
         lam_top = float(self.schedule.lambda_(t_max))
         if not math.isfinite(lam_top):  # flow start at sigma = 1: place points from just below it
@@ -302,9 +304,10 @@ def drive(scheduler: Any, denoise: Callable, noise: torch.Tensor, num_inference_
     if num_inference_steps is None:
         num_inference_steps = scheduler.available_nfes[0]
     scheduler.set_timesteps(num_inference_steps)
-    x = noise * scheduler.init_noise_sigma
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)  # FlowMatch schedulers have none
     for t in scheduler.timesteps:
-        x = scheduler.step(denoise(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+        x = scheduler.step(denoise(scale(x, t), t), t, x).prev_sample
     return x
 
 

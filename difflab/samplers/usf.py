@@ -51,8 +51,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.utils import logging
 
 from .base import DifflabScheduler, HistoryEntry, StepState, scheduler_config
+
+logger = logging.get_logger(__name__)
 
 PREDICTIONS = ("x0", "eps")
 RELAXATIONS = ("none", "linear", "bh1", "bh2")
@@ -425,7 +428,7 @@ class USFScheduler(DifflabScheduler):
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
                       mu: float | None = None) -> None:
-        """Build the step list for this NFE and its grid (custom ``timesteps`` / ``sigmas`` replace the stored ones)."""
+        """Build the step list for this NFE and its grid (custom ``timesteps`` / ``sigmas`` set the grid of lists without their own)."""
         if isinstance(self._decisions, str):
             n = num_inference_steps if timesteps is None and sigmas is None else len(timesteps if timesteps is not None else
                                                                                       [s for s in sigmas if s != 0])
@@ -442,7 +445,11 @@ class USFScheduler(DifflabScheduler):
                                  f"num_inference_steps={self.available_nfes[0]} (or load a list for {n} NFE).")
             schedule = SolverSchedule.from_dict(self._decisions[n])
         grid_given = timesteps is not None or sigmas is not None
-        if grid_given or schedule.timesteps is None:
+        if schedule.timesteps is not None and grid_given:  # e.g. Flux always passes its own sigmas
+            logger.warning("USFScheduler: this decision list has its own (searched) timesteps; the custom "
+                           "timesteps / sigmas passed to set_timesteps are ignored. Remove 'timesteps' from the "
+                           "decision list to step on a custom grid.")
+        if schedule.timesteps is None:
             count = len(schedule.steps)
             if grid_given:
                 super().set_timesteps(None, device, timesteps, sigmas, mu)

@@ -6,7 +6,12 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 from difflab.models.gmm import GaussianMixture, GMMDenoiser, probability_flow_ode
 from difflab.samplers import USFScheduler
@@ -250,7 +255,7 @@ def test_analytical_first_step_saves_one_call_and_equals_the_assumed_step(kind):
 def test_pseudo_corrector_costs_no_call_and_raises_the_order():
     model = gmm(dim=4)
     x = torch.randn(256, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    ref = probability_flow_ode(model.mixture, NS, x, 999)
+    ref = probability_flow_ode(model.mixture, NS, x, 999, t_end=0, denoise=False)  # the runs end at sigma_min
     slopes, last = {}, {}
     for preset in ("dpm++2m", "unipc-bh2"):  # UniPC-bh2 = DPM-Solver++ 2M + a pseudo corrector per step
         errs = []
@@ -258,7 +263,7 @@ def test_pseudo_corrector_costs_no_call_and_raises_the_order():
             sched = USFScheduler(decisions=preset, timestep_spacing="uniform_logsnr", final_sigmas_type="sigma_min", **SD)
             out, calls = run(sched, model, x, n)
             assert calls == sched.nfe == n
-            errs.append((out - probability_flow_ode(model.mixture, NS, x, 999, t_end=0, denoise=False)).pow(2).mean().sqrt().item())
+            errs.append((out - ref).pow(2).mean().sqrt().item())
         slopes[preset], last[preset] = math.log2(errs[0] / errs[1]), errs[1]
     assert slopes["unipc-bh2"] > slopes["dpm++2m"] + 0.4 and last["unipc-bh2"] < last["dpm++2m"] / 3
 
@@ -276,3 +281,26 @@ def test_packaged_presets_load(name):
     for nfe in sched.available_nfes:
         sched.set_timesteps(nfe)
         assert len(sched.timesteps) == nfe
+
+
+SEARCHED_FOR = {"sd": "gmm16-vp-scaled_linear", "sdxl": "gmm16-vp-scaled_linear", "sd3": "gmm16-flow", "flux": "gmm16-flow"}
+
+
+@pytest.mark.parametrize("pipeline", sorted(SEARCHED_FOR))
+def test_searched_preset_runs_inside_tiny_pipelines(pipeline, caplog):
+    from difflab.models.tiny import TINY_PIPELINES, count_denoiser_calls, default_call_kwargs
+
+    preset = SEARCHED_FOR[pipeline]
+    if preset not in packaged_presets():
+        pytest.fail(f"packaged preset {preset} is missing (python bench/usf.py --write-presets)")
+    pipe = TINY_PIPELINES[pipeline]()
+    pipe.scheduler = USFScheduler.from_config(pipe.scheduler.config, decisions=preset)
+    nfe = pipe.scheduler.available_nfes[0]
+    kwargs = {**default_call_kwargs(pipeline), "num_inference_steps": nfe}
+    with count_denoiser_calls(pipe) as counter:
+        out = pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(torch.as_tensor(out.images)).all()
+    assert counter.calls == pipe.scheduler.nfe == nfe
+    stored = SolverSchedule.from_dict(json.loads(packaged_presets()[preset].read_text())["schedules"][str(nfe)])
+    evaluated = stored.timesteps[1:] if stored.afs else stored.timesteps
+    assert pipe.scheduler.timesteps.double().tolist() == pytest.approx(evaluated, abs=1e-3)  # the searched grid, not the pipeline's
