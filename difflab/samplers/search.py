@@ -21,13 +21,12 @@ search started again with the same log resumes from it.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +64,14 @@ class Candidate:
     steps: list[StepGene]
     afs: bool = False
 
-    def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, default=lambda v: round(v, 5))
+    def key(self) -> tuple:
+        """Identity of the genome (positions rounded), for not evaluating a schedule twice."""
+        steps = tuple((g.prediction, g.order, g.extra_point, g.relax, round(g.relax_c, 4), g.corrector,
+                       g.corrector_order, g.corrector_relax, round(g.corrector_c, 4)) for g in self.steps)
+        return self.afs, tuple(round(x, 5) for x in self.u), steps
+
+    def clone(self) -> Candidate:
+        return Candidate(list(self.u), [replace(g) for g in self.steps], self.afs)
 
     def decisions(self, space: SearchSpace) -> dict:
         steps = []
@@ -146,8 +151,8 @@ class SearchSpace:
             g.corrector_order = max(2, min(g.corrector_order, available + 2, self.max_order))
             if g.relax not in RELAX_KINDS:
                 g.relax = "none"
-            g.relax_c = float(np.clip(g.relax_c, -0.6, 0.6))
-            g.corrector_c = float(np.clip(g.corrector_c, -0.6, 0.6))
+            g.relax_c = min(0.6, max(-0.6, g.relax_c))
+            g.corrector_c = min(0.6, max(-0.6, g.corrector_c))
         return c
 
     def from_preset(self, preset: str, spacing: str, afs: bool = False) -> Candidate:
@@ -172,7 +177,7 @@ class SearchSpace:
 
     def mutate(self, parent: Candidate, rng: random.Random) -> Candidate:
         """One of the reference search's mutations (timestep jitter, order, prediction, relaxation, corrector, AFS)."""
-        c = copy.deepcopy(parent)
+        c = parent.clone()
         kind = rng.choices(["time", "order", "prediction", "relax", "corrector", "points", "afs"],
                            weights=[3, 2, 1, 2, 2, 1, 0.5 if self.allow_afs else 0])[0]
         i = rng.randrange(len(c.steps))
@@ -208,10 +213,10 @@ class SearchSpace:
 
     def crossover(self, a: Candidate, b: Candidate, rng: random.Random) -> Candidate:
         """Per-step swap of decisions and per-point swap of positions (same AFS choice as ``a``)."""
-        c = copy.deepcopy(a)
+        c = a.clone()
         if a.afs == b.afs:
             c.u = [x if rng.random() < 0.5 else y for x, y in zip(a.u, b.u)]
-            c.steps = [copy.deepcopy(x if rng.random() < 0.5 else y) for x, y in zip(a.steps, b.steps)]
+            c.steps = [replace(x if rng.random() < 0.5 else y) for x, y in zip(a.steps, b.steps)]
         return self.repair(c)
 
     # ------------------------------------------------------------------ encoding for the predictor
@@ -234,36 +239,56 @@ class SearchSpace:
 
 
 # ---------------------------------------------------------------------------- predictor
-class PerformancePredictor:
-    """Ensemble of small MLPs: encoding -> standardized log score (trained from scratch each stage)."""
+class _MLPEnsemble(torch.nn.Module):
+    """``n`` independent two-hidden-layer MLPs evaluated as one batched network."""
 
-    def __init__(self, n_members: int = 3, hidden: int = 64, steps: int = 300, seed: int = 0):
+    def __init__(self, n: int, d_in: int, hidden: int, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+
+        def layer(a: int, b: int) -> torch.nn.Parameter:
+            return torch.nn.Parameter(torch.randn(n, a, b, generator=g) / math.sqrt(a))
+
+        self.w1, self.w2, self.w3 = layer(d_in, hidden), layer(hidden, hidden), layer(hidden, 1)
+        self.b1, self.b2 = (torch.nn.Parameter(torch.zeros(n, 1, hidden)) for _ in range(2))
+        self.b3 = torch.nn.Parameter(torch.zeros(n, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, d) -> (n, N)
+        h = torch.nn.functional.silu(x @ self.w1 + self.b1)
+        h = torch.nn.functional.silu(h @ self.w2 + self.b2)
+        return (h @ self.w3 + self.b3).squeeze(-1)
+
+
+class PerformancePredictor:
+    """Ensemble of small MLPs: encoding -> standardized log score.
+
+    Each stage continues training the previous stage's networks on the grown data set
+    (``steps`` full-batch Adam steps; the first fit trains ``3 * steps``).
+    """
+
+    def __init__(self, n_members: int = 3, hidden: int = 64, steps: int = 150, seed: int = 0):
         self.n_members, self.hidden, self.steps, self.seed = n_members, hidden, steps, seed
-        self.members: list[torch.nn.Module] = []
+        self.net: _MLPEnsemble | None = None
 
     def fit(self, features: np.ndarray, scores: np.ndarray) -> None:
         x = torch.as_tensor(features, dtype=torch.float32)
         y = torch.as_tensor(np.log(np.maximum(scores, 1e-12)), dtype=torch.float32)
         self.mu, self.sd = float(y.mean()), float(y.std()) + 1e-6
         y = (y - self.mu) / self.sd
-        self.members = []
-        for m in range(self.n_members):
-            torch.manual_seed(self.seed * 101 + m)
-            net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], self.hidden), torch.nn.SiLU(),
-                                      torch.nn.Linear(self.hidden, self.hidden), torch.nn.SiLU(),
-                                      torch.nn.Linear(self.hidden, 1))
-            opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
-            for _ in range(self.steps):
-                loss = (net(x).squeeze(-1) - y).pow(2).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            self.members.append(net.eval())
+        steps = self.steps
+        if self.net is None or self.net.w1.shape[1] != x.shape[1]:
+            self.net, steps = _MLPEnsemble(self.n_members, x.shape[1], self.hidden, self.seed), 3 * self.steps
+        opt = torch.optim.Adam(self.net.parameters(), lr=3e-3, weight_decay=1e-4)
+        for _ in range(steps):
+            loss = (self.net(x) - y).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
 
     @torch.no_grad()
     def predict(self, features: np.ndarray) -> np.ndarray:
         x = torch.as_tensor(features, dtype=torch.float32)
-        return torch.stack([net(x).squeeze(-1) for net in self.members]).mean(0).numpy() * self.sd + self.mu
+        return self.net(x).mean(0).numpy() * self.sd + self.mu
 
 
 # ---------------------------------------------------------------------------- objectives
@@ -412,7 +437,7 @@ def s3_search(
         predictor.fit(np.stack([space.encode(c) for c, _ in finite]), np.array([s for _, s in finite]))
         pool = list(parents)
         for _ in range(generations):  # evolution against the predictor
-            children = [_child(space, pool, rng) for _ in range(200)]
+            children = [_child(space, pool, rng) for _ in range(120)]
             children = [c for c in children if c.key() not in seen]
             if not children:
                 break
@@ -446,7 +471,7 @@ def _child(space: SearchSpace, parents: list[Candidate], rng: random.Random) -> 
         a, b = rng.sample(parents, 2)
         child = space.crossover(a, b, rng)
     else:
-        child = copy.deepcopy(rng.choice(parents))
+        child = rng.choice(parents).clone()
     for _ in range(rng.choice([1, 1, 2, 3])):
         child = space.mutate(child, rng)
     return child

@@ -429,38 +429,38 @@ class USFScheduler(DifflabScheduler):
                       timesteps: Sequence[float] | None = None, sigmas: Sequence[float] | None = None,
                       mu: float | None = None) -> None:
         """Build the step list for this NFE and its grid (custom ``timesteps`` / ``sigmas`` set the grid of lists without their own)."""
+        custom = None if timesteps is None and sigmas is None else len(
+            timesteps if timesteps is not None else [s for s in sigmas if s != 0])
+        schedule = self._schedule_for(num_inference_steps, custom)
+        if schedule.timesteps is not None:
+            if custom is not None:  # e.g. Flux always passes its own sigmas
+                logger.warning("USFScheduler: this decision list has its own (searched) timesteps; the custom "
+                               "timesteps / sigmas passed to set_timesteps are ignored. Remove 'timesteps' from the "
+                               "decision list to step on a custom grid.")
+            full = torch.tensor(schedule.timesteps, dtype=torch.float64)
+        elif custom is not None:
+            super().set_timesteps(None, device, timesteps, sigmas, mu)
+            full = self.timesteps.double()
+            if len(full) not in (len(schedule.steps), schedule.nfe):
+                raise ValueError(f"{len(full)} custom timesteps given for a schedule of {len(schedule.steps)} steps "
+                                 f"({schedule.nfe} NFE).")
+        else:
+            full = self.noise_schedule.timesteps(len(schedule.steps), self.spacing, self.config.steps_offset, mu)
+        self._install(schedule, full, device)
+
+    def _schedule_for(self, num_inference_steps: int | None, custom_count: int | None) -> SolverSchedule:
+        """The decision list for this call: a generic preset built for the step count, or the stored list of that NFE."""
         if isinstance(self._decisions, str):
-            n = num_inference_steps if timesteps is None and sigmas is None else len(timesteps if timesteps is not None else
-                                                                                      [s for s in sigmas if s != 0])
+            n = custom_count if custom_count is not None else num_inference_steps
             if n is None:
                 raise ValueError("Pass num_inference_steps, timesteps or sigmas to set_timesteps.")
             final_zero = self.is_flow or self.config.final_sigmas_type == "zero"
-            schedule = generic_preset(self._decisions, int(n), final_zero)
-        else:
-            n = num_inference_steps
-            if n is None:
-                n = len(timesteps if timesteps is not None else [s for s in sigmas if s != 0])
-            if n not in self._decisions:
-                raise ValueError(f"this USF decision list is for NFE {self.available_nfes}, not {n}; pass "
-                                 f"num_inference_steps={self.available_nfes[0]} (or load a list for {n} NFE).")
-            schedule = SolverSchedule.from_dict(self._decisions[n])
-        grid_given = timesteps is not None or sigmas is not None
-        if schedule.timesteps is not None and grid_given:  # e.g. Flux always passes its own sigmas
-            logger.warning("USFScheduler: this decision list has its own (searched) timesteps; the custom "
-                           "timesteps / sigmas passed to set_timesteps are ignored. Remove 'timesteps' from the "
-                           "decision list to step on a custom grid.")
-        if schedule.timesteps is None:
-            count = len(schedule.steps)
-            if grid_given:
-                super().set_timesteps(None, device, timesteps, sigmas, mu)
-                full = self.timesteps.double()
-                if len(full) not in (count, schedule.nfe):
-                    raise ValueError(f"{len(full)} custom timesteps given for a schedule of {count} steps ({schedule.nfe} NFE).")
-            else:
-                full = self.noise_schedule.timesteps(count, self.spacing, self.config.steps_offset, mu)
-        else:
-            full = torch.tensor(schedule.timesteps, dtype=torch.float64)
-        self._install(schedule, full, device)
+            return generic_preset(self._decisions, int(n), final_zero)
+        n = num_inference_steps if num_inference_steps is not None else custom_count
+        if n not in self._decisions:
+            raise ValueError(f"this USF decision list is for NFE {self.available_nfes}, not {n}; pass "
+                             f"num_inference_steps={self.available_nfes[0]} (or load a list for {n} NFE).")
+        return SolverSchedule.from_dict(self._decisions[n])
 
     def _install(self, schedule: SolverSchedule, full: torch.Tensor, device: Any) -> None:
         """Set the evaluation grid (without the analytical first point) and the AFS scaling."""
