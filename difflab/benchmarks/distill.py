@@ -9,10 +9,13 @@ fake score: a copy of that network trained by DSM; discriminator head on the fak
 (paper default). Every divergence runs with the same seed, the same iterations, learning rates and GAN
 weight; only h(r) changes (f-distill, Xu, Nie, Vahdat 2025; rkl = DMD2).
 
-Metrics on samples of the EMA generator: each sample is assigned to the nearest mode mean; a mode
-is *covered* if its share of samples is at least 20% of its true weight; *mode-weight TV* is the
-total variation 0.5 sum_k |share_k - w_k|; *off-mode* is the share of samples farther than 4 std from
-every mode; energy distance against as many exact samples (the exact-vs-exact floor is given).
+Metrics on samples of the EMA generator: a sample belongs to its nearest mode if it lies within 3
+std (0.24) of that mode's mean, else it is *off-mode*. A mode is *covered* if the share of all
+student samples that belong to it is at least 20% of its true weight. *Mode-weight TV* is the total
+variation 0.5 sum_k |s_k - w_k| between the student's mode weights s_k (shares among on-mode samples)
+and the true weights w_k; *min share / weight* is min_k s_k / w_k. Energy distance against as many
+exact samples (the exact-vs-exact floor is given). With the exact mixture itself, 1.1% of samples lie
+beyond 3 std (a 2-D Gaussian puts exp(-4.5) of its mass there).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from .report import bench_main, write_report
 SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 MODE_STD = 0.08
 COVERED_FRACTION = 0.2
-OFF_MODE_STDS = 4.0
+OFF_MODE_STDS = 3.0
 
 
 def unequal_ring(radius: float = 0.8, std: float = MODE_STD, spread: float = 6.0) -> GaussianMixture:
@@ -46,20 +49,22 @@ def unequal_ring(radius: float = 0.8, std: float = MODE_STD, spread: float = 6.0
     return GaussianMixture(means, std**2, levels[order])
 
 
-def mode_shares(samples: torch.Tensor, mixture: GaussianMixture) -> torch.Tensor:
-    """Share of samples whose nearest mode mean is each component."""
-    nearest = torch.cdist(samples.double(), mixture.means).argmin(1)
-    return torch.bincount(nearest, minlength=mixture.n_components).double() / len(samples)
+def mode_assignment(samples: torch.Tensor, mixture: GaussianMixture) -> torch.Tensor:
+    """Index of the nearest mode of each sample, or -1 if it is farther than OFF_MODE_STDS std from it."""
+    dist = torch.cdist(samples.double(), mixture.means)
+    nearest = dist.argmin(1)
+    return torch.where(dist.min(1).values <= OFF_MODE_STDS * MODE_STD, nearest, torch.full_like(nearest, -1))
 
 
-def coverage_metrics(samples: torch.Tensor, mixture: GaussianMixture, reference: torch.Tensor) -> dict[str, float]:
-    """Modes covered, mode-weight TV, off-mode share, energy distance to exact samples."""
-    shares = mode_shares(samples, mixture)
-    dist = torch.cdist(samples.double(), mixture.means).min(1).values
+def coverage_metrics(samples: torch.Tensor, mixture: GaussianMixture, reference: torch.Tensor) -> dict:
+    """Modes covered, mode-weight TV, min share / weight, off-mode share, energy distance to exact samples."""
+    k = mode_assignment(samples, mixture)
+    counts = torch.bincount(k[k >= 0], minlength=mixture.n_components).double()
+    shares = counts / counts.sum().clamp(min=1.0)
     return {
-        "covered": int((shares >= COVERED_FRACTION * mixture.weights).sum()),
+        "covered": int((counts / len(samples) >= COVERED_FRACTION * mixture.weights).sum()),
         "tv": float(0.5 * (shares - mixture.weights).abs().sum()),
-        "off_mode": float((dist > OFF_MODE_STDS * MODE_STD).double().mean()),
+        "off_mode": float((k < 0).double().mean()),
         "energy": energy_distance(samples, reference),
         "min_ratio": float((shares / mixture.weights).min()),
         "shares": shares,
@@ -132,14 +137,15 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
     mixture = unequal_ring()
     schedule = NoiseSchedule.from_config(SCHEDULE)
     reference = mixture.sample(args.samples, generator=torch.Generator().manual_seed(123)).float()
-    floor = energy_distance(mixture.sample(args.samples, generator=torch.Generator().manual_seed(321)), reference)
+    exact = mixture.sample(args.samples, generator=torch.Generator().manual_seed(321))
+    floor = energy_distance(exact, reference)
     t0 = time.time()
     teacher_net = fit_mlp_teacher(mixture, schedule, "epsilon", steps=args.teacher_steps, seed=0)
     teacher_seconds = time.time() - t0
     header = ["| student | modes covered | mode-weight TV | min share / weight | off-mode share | energy distance | "
-              "mode shares (modes 0..7) | train s |", "|---|---|---|---|---|---|---|---|"]
+              "mode weights among on-mode samples (modes 0..7) | train s |", "|---|---|---|---|---|---|---|---|"]
     weights = " ".join(f"{w:.3f}" for w in mixture.weights.tolist())
-    lines: list[str] = []
+    lines = [_row("exact mixture samples (metric floor)", coverage_metrics(exact, mixture, reference), None)]
     init = generate(train_fdistill_lowdim(_config(args, "rkl", 0), mixture, schedule, teacher_net,
                                           stop_after=0, progress=False).generator, args.samples, 2, 999)
     lines.append(_row("initial generator (teacher copy at t = 999)", coverage_metrics(init, mixture, reference), None))
