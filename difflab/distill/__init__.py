@@ -1,0 +1,45 @@
+"""One-step distillation by distribution matching: the shared engine and f-distill.
+
+* :mod:`~difflab.distill.engine`: the pieces every distribution-matching method shares (teacher and
+  fake-score denoisers as :class:`ScoreModel`, DSM, the DMD pseudo-target loss, GAN losses, global
+  reductions under accelerate, EMA).
+* :mod:`~difflab.distill.fdistill`: f-distill (Xu, Nie, Vahdat 2025): h(r) weightings, density ratio
+  from the discriminator, time-binned and batch normalization, the generator loss.
+* :mod:`~difflab.distill.nets`: small MLP denoisers, the discriminator head, the one-step generator.
+* :mod:`~difflab.distill.lowdim`: the low-dimensional trainer (checkpoints, resume).
+"""
+
+from .engine import (
+    EMA,
+    ScoreModel,
+    dmd_normalizer,
+    dsm_loss,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    global_mean,
+    global_sum,
+    pseudo_target_loss,
+    score_difference_target,
+    step_generator,
+)
+from .fdistill import (
+    DIVERGENCES,
+    WEIGHTINGS,
+    RatioNormalizer,
+    canonical_divergence,
+    density_ratio,
+    fdistill_weights,
+    generator_loss,
+    normalize_weights,
+    weighting,
+)
+from .lowdim import FDistillConfig, FDistillRun, exact_teacher, fit_mlp_teacher, train_fdistill_lowdim
+from .nets import DiscriminatorHead, MLPDenoiser, OneStepGenerator
+
+__all__ = [
+    "DIVERGENCES", "EMA", "WEIGHTINGS", "DiscriminatorHead", "FDistillConfig", "FDistillRun", "MLPDenoiser",
+    "OneStepGenerator", "RatioNormalizer", "ScoreModel", "canonical_divergence", "density_ratio", "dmd_normalizer",
+    "dsm_loss", "exact_teacher", "fdistill_weights", "fit_mlp_teacher", "gan_discriminator_loss",
+    "gan_generator_loss", "generator_loss", "global_mean", "global_sum", "normalize_weights", "pseudo_target_loss",
+    "score_difference_target", "step_generator", "train_fdistill_lowdim", "weighting",
+]

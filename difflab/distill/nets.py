@@ -1,0 +1,123 @@
+"""Small networks for low-dimensional distillation: a time-conditioned MLP denoiser, a
+discriminator head, and the one-step generator built from a teacher denoiser.
+
+:class:`MLPDenoiser` answers like a diffusers UNet (``model(x_t, t).sample``) in any of the four
+prediction types and can also return its last hidden activations (``.features``), on which the
+f-distill discriminator head sits (the DMD2 / f-distill design of a classifier branch on the
+diffusion network's features).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from ..schedule import NoiseSchedule, canonical_prediction_type
+
+
+@dataclass
+class MLPOutput(BaseOutput):
+    """Output of :class:`MLPDenoiser`: the prediction, and the hidden features when asked for."""
+
+    sample: torch.Tensor
+    features: torch.Tensor | None = None
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (fractional) diffusers timesteps, (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class MLPDenoiser(nn.Module):
+    """A time-conditioned MLP denoiser for data of shape (B, dim).
+
+    Args:
+        dim: data dimension.
+        hidden: width of the hidden layers (also the feature dimension).
+        depth: number of hidden layers.
+        prediction_type: what the output means: ``epsilon``, ``sample`` (x0), ``v_prediction`` or
+            ``flow_prediction`` (aliases eps / x0 / v / flow accepted).
+        time_embedding_dim: size of the sinusoidal timestep embedding.
+    """
+
+    supports_features = True
+
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3, prediction_type: str = "epsilon",
+                 time_embedding_dim: int = 32):
+        super().__init__()
+        if dim < 1 or hidden < 1 or depth < 1:
+            raise ValueError(f"dim, hidden and depth must be >= 1, got {dim}, {hidden}, {depth}.")
+        self.dim, self.hidden, self.depth = dim, hidden, depth
+        self.prediction_type = canonical_prediction_type(prediction_type)
+        self.time_embedding_dim = time_embedding_dim
+        self.time_mlp = nn.Sequential(nn.Linear(time_embedding_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.input = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(depth))
+        self.output = nn.Sequential(nn.SiLU(), nn.Linear(hidden, dim))
+
+    @property
+    def feature_dim(self) -> int:
+        return self.hidden
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, return_features: bool = False,
+                return_dict: bool = True, **unused: object) -> MLPOutput | tuple[torch.Tensor]:
+        """Prediction at ``x_t = sample`` and diffusers timestep(s) ``timestep`` (scalar or (B,))."""
+        n = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).float()
+        t = t.expand(n) if t.numel() == 1 else t
+        h = self.input(sample.reshape(n, -1)) + self.time_mlp(timestep_embedding(t, self.time_embedding_dim))
+        for block in self.blocks:
+            h = h + block(h)
+        out = self.output(h).reshape(sample.shape)
+        if not return_dict:
+            return (out,)
+        return MLPOutput(sample=out, features=h if return_features else None)
+
+
+class DiscriminatorHead(nn.Module):
+    """Logit of "real" from denoiser features: a two-layer MLP (DMD2's classifier branch, shrunk to 2-D)."""
+
+    def __init__(self, feature_dim: int, hidden: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.SiLU(), nn.Linear(feature_dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, feature_dim) -> (B,) logits; at the optimum logit = log p_data,t(x) / q_t(x)."""
+        return self.net(features).squeeze(-1)
+
+
+class OneStepGenerator(nn.Module):
+    """One-step generator initialized from a teacher: G(z) = x0-prediction of the denoiser at (z, t_gen).
+
+    The denoiser (a copy of the teacher network) sees pure noise ``z`` at the conditioning timestep
+    ``t_gen`` (default: the largest training timestep) and its output is converted to a data
+    prediction with :meth:`NoiseSchedule.to_x0_eps`, as DMD / DMD2 / f-distill initialize their students.
+    """
+
+    def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule, timestep: float | None = None,
+                 prediction_type: str | None = None):
+        super().__init__()
+        prediction_type = prediction_type or getattr(denoiser, "prediction_type", None)
+        if prediction_type is None:
+            raise ValueError(f"{type(denoiser).__name__} has no prediction_type attribute; pass prediction_type "
+                             "(the teacher scheduler's config['prediction_type']).")
+        self.prediction_type = canonical_prediction_type(prediction_type)
+        self.denoiser = denoiser
+        self.schedule = schedule
+        self.timestep = float(schedule.t_max if timestep is None else timestep)
+        alpha, sigma = schedule.alpha_sigma(self.timestep)
+        self.alpha, self.sigma = float(alpha), float(sigma)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """x0 = G(z), shaped like z."""
+        t = torch.full((z.shape[0],), self.timestep, device=z.device)
+        out = self.denoiser(z, t).sample
+        x0, _ = self.schedule.to_x0_eps(out, z, self.alpha, self.sigma, self.prediction_type)
+        return x0
