@@ -73,6 +73,19 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     train.set_defaults(func=lambda args: train_digits.run(_own_arguments(args, train)))
 
 
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    distill = sub.add_parser("distill", help="train one-step generators (f-distill, DisBack) with accelerate")
+    which = distill.add_subparsers(dest="distill", required=True, metavar="METHOD")
+    from .distill import train as distill_train
+
+    for method in distill_train.METHODS:
+        parser = which.add_parser(method, help=f"{method} on a built-in Gaussian mixture (accelerate)",
+                                  description=(distill_train.__doc__ or "").split("\n")[0])
+        distill_train.add_arguments(parser, method)
+        parser.set_defaults(func=lambda args, parser=parser, method=method: distill_train.run(
+            argparse.Namespace(**vars(_own_arguments(args, parser)), method=method)))
+
+
 def _add_guidance(sub: argparse._SubParsersAction) -> None:
     guidance = sub.add_parser("guidance", help="guidance tools")
     which = guidance.add_subparsers(dest="guidance", required=True, metavar="ACTION")
@@ -258,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_bench(sub)
     _add_models(sub)
+    _add_distill(sub)
     _add_guidance(sub)
     _add_fid(sub)
     _add_search(sub)

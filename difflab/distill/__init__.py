@@ -7,8 +7,14 @@
   from the discriminator, time-binned and batch normalization, the generator loss.
 * :mod:`~difflab.distill.nets`: small MLP denoisers, the discriminator head, the one-step generator.
 * :mod:`~difflab.distill.lowdim`: the low-dimensional trainer (checkpoints, resume).
+* :mod:`~difflab.distill.disback`: DisBack (Zhang et al., ICLR 2025): degradation recording, then
+  backtracking along the saved nodes to the teacher, around the f-distill / DMD2 steps.
+* :mod:`~difflab.distill.loop`: process-aware iteration (DDP-wrapped trained modules) for accelerate.
+* :mod:`~difflab.distill.train`: ``difflab distill {f-distill,disback}`` / ``accelerate launch -m
+  difflab.distill.train`` (imported lazily, not re-exported here).
 """
 
+from .disback import Backtracker, DisBackConfig, DisBackRun, strict_load, train_disback_lowdim
 from .engine import (
     EMA,
     ScoreModel,
@@ -33,10 +39,13 @@ from .fdistill import (
     normalize_weights,
     weighting,
 )
+from .loop import Runtime, fdistill_iteration
 from .lowdim import FDistillConfig, FDistillRun, exact_teacher, fit_mlp_teacher, train_fdistill_lowdim
 from .nets import DiscriminatorHead, MLPDenoiser, OneStepGenerator
 
 __all__ = [
+    "Backtracker", "DisBackConfig", "DisBackRun", "Runtime", "fdistill_iteration", "strict_load",
+    "train_disback_lowdim",
     "DIVERGENCES", "EMA", "WEIGHTINGS", "DiscriminatorHead", "FDistillConfig", "FDistillRun", "MLPDenoiser",
     "OneStepGenerator", "RatioNormalizer", "ScoreModel", "canonical_divergence", "density_ratio", "dmd_normalizer",
     "dsm_loss", "exact_teacher", "fdistill_weights", "fit_mlp_teacher", "gan_discriminator_loss",

@@ -1,0 +1,112 @@
+"""Process-aware pieces of the low-dimensional distillation loops (f-distill, DisBack).
+
+The step functions of :mod:`difflab.distill.lowdim` take a :class:`~difflab.distill.lowdim.FDistillState`
+and call its modules directly. Under ``accelerate`` with several processes the module being *trained*
+in a step must be called through its DistributedDataParallel wrapper (made by ``accelerator.prepare``),
+so that its gradients are all-reduced, while frozen modules must be called unwrapped (a DDP module
+whose parameters get no gradient in a backward pass would wait for them forever). :class:`Runtime`
+keeps the wrappers, and :func:`fdistill_iteration` hands each step a *view* of the state with the right
+modules swapped in: the generator step sees the wrapped generator, the critic step the wrapped fake
+score and discriminator head (the two-time-scale rule of DMD2 / f-distill, Xu, Nie, Vahdat 2025).
+
+Random draws of iteration k on process p come from ``step_generator(seed, k, p)``, so every process
+sees different samples and a resumed run repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .engine import step_generator
+from .lowdim import FDistillConfig, FDistillState, LowDimProblem, critic_step, generator_step
+
+FORWARDED_ATTRIBUTES = ("prediction_type", "supports_features")
+
+
+def _identity(module: nn.Module) -> nn.Module:
+    return module
+
+
+def _no_barrier() -> None:
+    return None
+
+
+@dataclass
+class Runtime:
+    """This process's place in a run: rank, the wrappers of trained modules, a barrier.
+
+    The default is a single plain process (no wrapping). :meth:`from_accelerator` wraps modules with
+    ``accelerator.prepare`` (DDP when several processes run) as they are registered.
+    """
+
+    rank: int = 0
+    num_processes: int = 1
+    is_main: bool = True
+    prepare: Callable[[nn.Module], nn.Module] = _identity
+    barrier: Callable[[], None] = _no_barrier
+    wrapped: dict[int, nn.Module] = field(default_factory=dict)
+
+    @classmethod
+    def from_accelerator(cls, accelerator) -> Runtime:
+        """A runtime that prepares modules with ``accelerator`` and waits with ``wait_for_everyone``."""
+        return cls(rank=accelerator.process_index, num_processes=accelerator.num_processes,
+                   is_main=accelerator.is_main_process, prepare=accelerator.prepare,
+                   barrier=accelerator.wait_for_everyone)
+
+    def register(self, *modules: nn.Module) -> None:
+        """Wrap each module for training (idempotent); the wrapper keeps ``FORWARDED_ATTRIBUTES``."""
+        for module in modules:
+            if id(module) in self.wrapped:
+                continue
+            wrapper = self.prepare(module)
+            if wrapper is not module:  # ScoreModel reads these from the module it is given, wrapped or not
+                for name in FORWARDED_ATTRIBUTES:
+                    if hasattr(module, name):
+                        setattr(wrapper, name, getattr(module, name))
+            self.wrapped[id(module)] = wrapper
+
+    def train_view(self, module: nn.Module) -> nn.Module:
+        """The module to call when it is being trained: its wrapper, or itself."""
+        return self.wrapped.get(id(module), module)
+
+
+def fdistill_iteration(state: FDistillState, problem: LowDimProblem, config: FDistillConfig,
+                       runtime: Runtime | None = None) -> dict:
+    """Iteration ``state.step`` of f-distill (critic or generator update by the TTUR cycle); advances it.
+
+    Equal to :func:`difflab.distill.lowdim.train_iteration` in a single process.
+    """
+    runtime = runtime or Runtime()
+    g = step_generator(config.seed, state.step, runtime.rank)
+    if config.is_generator_step(state.step):
+        stats = generator_step(replace(state, generator=runtime.train_view(state.generator)), problem, config, g)
+    else:
+        view = replace(state, fake=runtime.train_view(state.fake), head=runtime.train_view(state.head))
+        stats = critic_step(view, problem, config, g)
+    check_finite(stats, state.step)
+    state.step += 1
+    return stats
+
+
+def check_finite(stats: dict, step: int) -> None:
+    """FloatingPointError naming the statistic and the (1-based) iteration if any value is NaN / inf."""
+    for key, value in stats.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FloatingPointError(f"{key} became {value} at iteration {step + 1}; lower the learning rates or "
+                                     "the GAN weight.")
+
+
+def write_checkpoint(output_dir: str | Path, step: int, payload: dict) -> Path:
+    """``output_dir/checkpoint-{step}/state.pt`` written atomically (a temporary file, then a rename)."""
+    path = Path(output_dir) / f"checkpoint-{step}"
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "state.pt.tmp"
+    torch.save(payload, tmp)
+    tmp.replace(path / "state.pt")
+    return path

@@ -1,0 +1,335 @@
+"""Train a one-step generator by f-distill or DisBack on a built-in Gaussian mixture, with accelerate.
+
+Runs as ``difflab distill f-distill --output_dir out``, ``difflab distill disback --output_dir out``,
+``python -m difflab.distill.train {f-distill,disback} ...`` or ``accelerate launch -m
+difflab.distill.train {f-distill,disback} ...`` on several processes. Methods:
+
+* ``f-distill``: Xu, Nie, Vahdat 2025 (arXiv 2502.15681), divergence chosen by ``--divergence``
+  (``rkl`` is DMD2); :mod:`difflab.distill.lowdim` holds the steps.
+* ``disback``: Zhang et al., ICLR 2025 (arXiv 2408.15991): degradation recording, then backtracking
+  along the saved nodes to the teacher (:mod:`difflab.distill.disback`), with f-distill / DMD2 steps.
+
+Data and teacher: the built-in mixture (``--mixture ring8``: the 2-D ring of 8 unequal modes of
+``difflab bench distill``; ``--mixture random``: ``--num_modes`` random modes in ``--dim`` dimensions),
+whose exact denoiser (``GMMDenoiser``) is the teacher score and whose exact samples are the
+discriminator's real data. The student and the fake score start from an MLP teacher network fitted
+to the exact denoiser (``--teacher_steps``; deterministic, so every process and every resumed run
+fits the same one).
+
+Conventions of the diffusers ``examples/`` trainers: ``--output_dir``, ``--max_train_steps``,
+``--checkpointing_steps``, ``--resume_from_checkpoint latest``, ``--seed``, ``--mixed_precision``;
+an ``Accelerator`` whose ``prepare`` wraps the trained networks (gradients all-reduced across
+processes), the f-distill normalizations all-reduced by :func:`~difflab.distill.engine.global_sum`.
+The low-dimensional networks are tiny, so every process runs on the CPU. Checkpoints are written by
+the main process as ``output_dir/checkpoint-{step}/state.pt``; a run resumed from one ends at the
+weights of an uninterrupted run. The result: ``generator.safetensors`` (EMA weights),
+``generator_config.json`` (rebuild with :func:`load_generator`), ``samples.png`` and
+``train_summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+METHODS = ("f-distill", "disback")
+MIXTURES = ("ring8", "random")
+SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+DEFAULT_DIVERGENCE = {"f-distill": "js", "disback": "rkl"}
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.ArgumentParser:
+    """Attach the flags of ``method`` (``f-distill`` or ``disback``) to ``parser``."""
+    parser.set_defaults(method=method)
+    add = parser.add_argument
+    add("--output_dir", required=True, help="Where checkpoints, nodes (DisBack) and the final generator go.")
+    add("--max_train_steps", type=int, default=3000,
+        help="Distillation iterations (critic and generator updates together; DisBack: stage 2).")
+    add("--train_batch_size", type=int, default=512, help="Batch size per process.")
+    add("--divergence", default=DEFAULT_DIVERGENCE[method],
+        help="f-divergence of the weighting h(r): rkl (DMD2), kl, js, sh, srkl, jeffreys, neyman.")
+    add("--critic_updates", type=int, default=4, help="Fake-score / discriminator updates per generator update.")
+    add("--learning_rate", type=float, default=3e-5, help="AdamW learning rate of the generator.")
+    add("--critic_learning_rate", type=float, default=1e-3, help="AdamW learning rate of the fake score and head.")
+    add("--adam_weight_decay", type=float, default=0.01)
+    add("--gan_weight", type=float, default=1e-3, help="Weight of the generator's GAN term (must be > 0).")
+    add("--head_features", choices=("fake", "teacher"), default="fake",
+        help="Discriminator head on the fake score's features (paper) or the frozen teacher network's (FastGen).")
+    add("--ratio_ema", type=float, default=0.0, help="EMA rate of the per-time-bin ratio means (0: batch means).")
+    add("--ema_decay", type=float, default=0.99, help="Decay of the generator's EMA (the saved weights).")
+    add("--max_grad_norm", type=float, default=10.0, help="Gradient clipping norm (0 disables).")
+    add("--seed", type=int, default=0, help="Seed of every random draw (and of the head's init).")
+    add("--checkpointing_steps", type=int, default=500, help="Write a checkpoint every N (global) steps.")
+    add("--resume_from_checkpoint", default=None,
+        help="A checkpoint-N directory, or 'latest' for the newest one in --output_dir.")
+    add("--mixed_precision", choices=("no",), default="no",
+        help="Only 'no': the low-dimensional trainer runs in float32 on the CPU.")
+    add("--stop_after_steps", type=int, default=None,
+        help="Stop after this global step without writing the result, as if killed (resume later).")
+    add("--mixture", choices=MIXTURES, default="ring8", help="ring8: 2-D ring of 8 unequal modes; random: see --dim.")
+    add("--dim", type=int, default=2, help="Dimension of --mixture random.")
+    add("--num_modes", type=int, default=8, help="Modes of --mixture random.")
+    add("--teacher_steps", type=int, default=2000, help="Steps of the MLP teacher-network fit.")
+    add("--teacher_hidden", type=int, default=128, help="Width of the MLP networks.")
+    add("--teacher_depth", type=int, default=3, help="Hidden layers of the MLP networks.")
+    add("--num_samples", type=int, default=2000, help="Samples for the final scatter plot and energy distance.")
+    add("--log_every", type=int, default=50, help="Keep training statistics every N iterations.")
+    add("--no_progress", action="store_true", help="No progress bars.")
+    if method == "disback":
+        add("--num_nodes", type=int, default=4, help="Stage 1: nodes N after node 0 (the teacher).")
+        add("--node_interval", type=int, default=100, help="Stage 1: DSM steps between nodes.")
+        add("--degradation_learning_rate", type=float, default=1e-3, help="Stage 1: AdamW learning rate.")
+        add("--backtrack_interval", type=int, default=300, help="Stage 2: iterations per target (at most).")
+        add("--switch", choices=("fixed", "plateau"), default="fixed",
+            help="Stage 2: advance every --backtrack_interval iterations, or also earlier when the fake score's "
+                 "DSM loss plateaus (relative drop between two windows below --plateau_tol).")
+        add("--plateau_window", type=int, default=50, help="Critic updates per window of the plateau test.")
+        add("--plateau_tol", type=float, default=0.01, help="Relative DSM-loss drop below which a target is done.")
+        add("--min_node_steps", type=int, default=50, help="Iterations at a target before the plateau test.")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Parser of ``python -m difflab.distill.train METHOD ...``."""
+    parser = argparse.ArgumentParser(prog="python -m difflab.distill.train", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="method", required=True, metavar="METHOD")
+    for method in METHODS:
+        add_arguments(sub.add_parser(method, help=f"{method} on a built-in Gaussian mixture"), method)
+    return parser
+
+
+def build_config(args: argparse.Namespace):
+    """FDistillConfig (f-distill) or DisBackConfig (disback) from the flags; ValueError on bad values."""
+    from .disback import DisBackConfig
+    from .lowdim import FDistillConfig
+
+    for name in ("max_train_steps", "train_batch_size", "checkpointing_steps", "teacher_steps", "num_samples",
+                 "log_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise ValueError(f"--ema_decay must be in [0, 1), got {args.ema_decay}.")
+    if args.mixture == "ring8" and args.dim != 2:
+        raise ValueError(f"--mixture ring8 is 2-D; use --mixture random for --dim {args.dim}.")
+    base = FDistillConfig(
+        divergence=args.divergence, max_train_steps=args.max_train_steps, batch_size=args.train_batch_size,
+        critic_updates=args.critic_updates, lr_generator=args.learning_rate, lr_fake=args.critic_learning_rate,
+        lr_head=args.critic_learning_rate, weight_decay=args.adam_weight_decay, gan_weight=args.gan_weight,
+        head_features=args.head_features, ratio_ema=args.ratio_ema, ema_decay=args.ema_decay,
+        max_grad_norm=args.max_grad_norm, seed=args.seed, checkpointing_steps=args.checkpointing_steps)
+    if base.gan_weight <= 0:
+        raise ValueError(f"--gan_weight must be > 0 (f-distill's density ratio comes from the discriminator), "
+                         f"got {base.gan_weight}.")
+    if args.method == "f-distill":
+        return base
+    return DisBackConfig(base=base, num_nodes=args.num_nodes, node_interval=args.node_interval,
+                         degradation_lr=args.degradation_learning_rate, backtrack_interval=args.backtrack_interval,
+                         switch=args.switch, plateau_window=args.plateau_window, plateau_tol=args.plateau_tol,
+                         min_node_steps=args.min_node_steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Data, teacher and the result
+# --------------------------------------------------------------------------------------------
+
+
+def build_mixture(args: argparse.Namespace):
+    """The built-in mixture named by ``--mixture`` (random modes are seeded by 0, not ``--seed``)."""
+    from ..models.gmm import GaussianMixture
+
+    if args.mixture == "ring8":
+        from ..benchmarks.distill import unequal_ring
+
+        return unequal_ring()
+    if args.dim < 1 or args.num_modes < 1:
+        raise ValueError(f"--dim and --num_modes must be >= 1, got {args.dim}, {args.num_modes}.")
+    g = torch.Generator().manual_seed(0)
+    means = 0.8 * torch.randn(args.num_modes, args.dim, generator=g, dtype=torch.float64)
+    weights = 1.0 + 2.0 * torch.rand(args.num_modes, generator=g, dtype=torch.float64)
+    return GaussianMixture(means, 0.1**2, weights)
+
+
+def mixture_spec(mixture) -> dict:
+    return {"means": mixture.means.tolist(), "variances": mixture.variances.tolist(), "weights": mixture.weights.tolist()}
+
+
+def save_result(output_dir: Path, generator, args: argparse.Namespace, mixture) -> None:
+    """``generator.safetensors`` (the generator's denoiser weights) and ``generator_config.json``."""
+    from safetensors.torch import save_file
+
+    net = generator.denoiser
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+              str(output_dir / "generator.safetensors"))
+    config = {"method": args.method, "dim": net.dim, "hidden": net.hidden, "depth": net.depth,
+              "prediction_type": net.prediction_type, "time_embedding_dim": net.time_embedding_dim,
+              "timestep": generator.timestep, "schedule": SCHEDULE, "mixture": mixture_spec(mixture)}
+    (output_dir / "generator_config.json").write_text(json.dumps(config, indent=1) + "\n")
+
+
+def load_generator(output_dir: str | Path):
+    """The trained one-step generator of an output directory (``z -> x0``)."""
+    from safetensors.torch import load_file
+
+    from ..schedule import NoiseSchedule
+    from .disback import strict_load
+    from .nets import MLPDenoiser, OneStepGenerator
+
+    output_dir = Path(output_dir)
+    path = output_dir / "generator_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{output_dir} has no generator_config.json; is it a finished distill run?")
+    cfg = json.loads(path.read_text())
+    net = MLPDenoiser(cfg["dim"], cfg["hidden"], cfg["depth"], cfg["prediction_type"], cfg["time_embedding_dim"])
+    strict_load(net, load_file(str(output_dir / "generator.safetensors")), "generator.safetensors")
+    return OneStepGenerator(net, NoiseSchedule.from_config(cfg["schedule"]), cfg["timestep"]).eval()
+
+
+def scatter_png(samples: torch.Tensor, reference: torch.Tensor, png: Path, title: str) -> None:
+    """Student samples over exact samples (first two coordinates)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ref, pts = reference[:, :2].cpu(), samples[:, :2].cpu()
+    ax.scatter(ref[:, 0], ref[:, 1], s=1, alpha=0.25, color="tab:gray", label="exact")
+    if pts.shape[1] > 1:
+        ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.35, color="tab:blue", label="student")
+    else:
+        ax.hist([ref[:, 0].numpy(), pts[:, 0].numpy()], bins=60, label=["exact", "student"])
+    ax.set_title(title, fontsize=9)
+    ax.set_aspect("equal" if pts.shape[1] > 1 else "auto")
+    ax.legend(markerscale=6, loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _train_fdistill(config, problem, output_dir: Path, resume, stop: int, runtime, progress: bool, log_every: int):
+    """The f-distill loop under a Runtime; returns the final FDistillState."""
+    from .loop import fdistill_iteration, write_checkpoint
+    from .lowdim import build_state
+
+    state = build_state(config, problem.schedule, problem.teacher_net)
+    if resume is not None:
+        payload = torch.load(resume / "state.pt", map_location="cpu", weights_only=False)
+        if payload.get("method", "f-distill") != "f-distill":
+            raise ValueError(f"{resume} is a {payload['method']} checkpoint, not an f-distill one; use a fresh --output_dir.")
+        state.load_state_dict(payload["state"])
+    runtime.register(state.generator, state.fake, state.head)
+    bar = tqdm(total=config.max_train_steps, initial=state.step, desc=f"f-distill {config.divergence}",
+               disable=not (progress and runtime.is_main))
+    latest: dict = {}
+    while state.step < stop:
+        latest.update(fdistill_iteration(state, problem, config, runtime))
+        if state.step % log_every == 0:
+            state.history.append({"step": state.step, **latest})
+        bar.update(1)
+        bar.set_postfix(dsm=f"{latest.get('dsm_loss', float('nan')):.3f}", disc=f"{latest.get('disc_loss', float('nan')):.3f}")
+        if state.step % config.checkpointing_steps == 0 and runtime.is_main:
+            write_checkpoint(output_dir, state.step, {"method": "f-distill", "config": asdict(config),
+                                                      "state": state.state_dict()})
+        if state.step % config.checkpointing_steps == 0:
+            runtime.barrier()
+    bar.close()
+    return state
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train with parsed ``args`` (see :func:`add_arguments`); returns a summary dict."""
+    from accelerate import Accelerator
+
+    from ..eval.energy import energy_distance
+    from ..schedule import NoiseSchedule
+    from .disback import train_disback_lowdim
+    from .loop import Runtime
+    from .lowdim import LowDimProblem, exact_teacher, fit_mlp_teacher, resolve_checkpoint
+
+    config = build_config(args)
+    output_dir = Path(args.output_dir)
+    resume = resolve_checkpoint(output_dir, args.resume_from_checkpoint)  # clear error before any work
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=True)
+    runtime = Runtime.from_accelerator(accelerator)
+    progress = not args.no_progress
+    if runtime.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if resume is not None:
+        accelerator.print(f"Resuming from {resume}")
+    elif args.resume_from_checkpoint is not None:
+        accelerator.print(f"No checkpoint found in {output_dir}; starting a new run.")
+    mixture, schedule = build_mixture(args), NoiseSchedule.from_config(SCHEDULE)
+    teacher_net = fit_mlp_teacher(mixture, schedule, "epsilon", steps=args.teacher_steps, hidden=args.teacher_hidden,
+                                  depth=args.teacher_depth, seed=args.seed, progress=progress and runtime.is_main)
+    teacher_net.requires_grad_(False)
+    start = time.perf_counter()
+    if args.method == "f-distill":
+        stop = min(config.max_train_steps, args.stop_after_steps or config.max_train_steps)
+        problem = LowDimProblem(mixture, schedule, exact_teacher(mixture, schedule), teacher_net)
+        state = _train_fdistill(config, problem, output_dir, resume, stop, runtime, progress, args.log_every)
+        done, extra = state.step >= config.max_train_steps, {}
+    else:
+        result = train_disback_lowdim(config, mixture, schedule, teacher_net, output_dir, resume_from=resume,
+                                      stop_after=args.stop_after_steps, progress=progress, log_every=args.log_every,
+                                      runtime=runtime)
+        state = result.state
+        done = state is not None and state.step >= config.base.max_train_steps
+        extra = {"degradation_steps": result.degradation.step, "nodes_dir": str(result.nodes_dir),
+                 "switches": [] if result.backtracker is None else result.backtracker.switches}
+    seconds = time.perf_counter() - start
+    summary = {"method": args.method, "divergence": args.divergence, "steps": 0 if state is None else state.step,
+               "finished": done, "train_seconds": seconds, "num_processes": accelerator.num_processes, **extra}
+    accelerator.wait_for_everyone()
+    if done and runtime.is_main:
+        summary.update(_finish(args, output_dir, state, mixture, energy_distance))
+        with open(output_dir / "train_summary.json", "w") as f:
+            json.dump({**summary, "history": state.history, "args": vars(args)}, f, indent=1, default=str)
+    accelerator.end_training()
+    return summary
+
+
+def _finish(args: argparse.Namespace, output_dir: Path, state, mixture, energy_distance) -> dict:
+    """Save the EMA generator, plot its samples, measure the energy distance to exact samples."""
+    ema = state.ema.model.eval()
+    save_result(output_dir, ema, args, mixture)
+    with torch.no_grad():
+        z = torch.randn(args.num_samples, mixture.dim, generator=torch.Generator().manual_seed(args.seed + 1))
+        samples = ema(z).double()
+    reference = mixture.sample(args.num_samples, generator=torch.Generator().manual_seed(args.seed + 2))
+    energy = energy_distance(samples, reference)
+    title = f"{args.method} ({args.divergence}), {state.step} iterations: energy distance {energy:.4f}"
+    scatter_png(samples, reference, output_dir / "samples.png", title)
+    print(f"wrote {output_dir / 'generator.safetensors'} and {output_dir / 'samples.png'}; energy distance to exact "
+          f"samples {energy:.4f}")
+    return {"energy_distance": energy}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Entry point of ``python -m difflab.distill.train`` (errors in the flags: a message, exit status 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, ArithmeticError) as err:
+        parser.exit(2, f"{parser.prog} {args.method}: error: {err}\n")
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The distillation trainers: `difflab distill ...`, resume from 'latest', errors, accelerate launch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from difflab.benchmarks.fid import free_port
+from difflab.cli import main
+from difflab.distill.train import load_generator
+
+TINY = ["--train_batch_size", "32", "--teacher_steps", "10", "--teacher_hidden", "16", "--teacher_depth", "1",
+        "--num_samples", "200", "--no_progress", "--checkpointing_steps", "3"]
+METHOD_FLAGS = {"f-distill": ["--divergence", "kl", "--critic_updates", "1", "--max_train_steps", "6"],
+                "disback": ["--num_nodes", "2", "--node_interval", "2", "--backtrack_interval", "2",
+                            "--max_train_steps", "5", "--switch", "plateau", "--plateau_window", "1",
+                            "--min_node_steps", "1", "--critic_updates", "1"]}
+
+
+def _cli(method: str, out: Path, *extra: str) -> None:
+    main(["distill", method, "--output_dir", str(out), *TINY, *METHOD_FLAGS[method], *extra])
+
+
+@pytest.mark.parametrize("method", ["f-distill", "disback"])
+def test_cli_runs_and_resumes_from_latest(tmp_path, method):
+    _cli(method, tmp_path / "a")
+    for name in ("generator.safetensors", "generator_config.json", "samples.png", "train_summary.json"):
+        assert (tmp_path / "a" / name).is_file(), name
+    summary = json.loads((tmp_path / "a" / "train_summary.json").read_text())
+    assert summary["finished"] and summary["method"] == method
+    generator = load_generator(tmp_path / "a")
+    with torch.no_grad():
+        assert generator(torch.randn(5, 2)).shape == (5, 2)
+    if method == "disback":
+        assert (tmp_path / "a" / "nodes" / "node-002.pt").is_file() and summary["degradation_steps"] == 4
+    _cli(method, tmp_path / "b", "--stop_after_steps", "4")  # "killed" (disback: in stage 1, after checkpoint-3)
+    assert not (tmp_path / "b" / "generator.safetensors").exists()
+    _cli(method, tmp_path / "b", "--resume_from_checkpoint", "latest")
+    a, b = load_file(tmp_path / "a" / "generator.safetensors"), load_file(tmp_path / "b" / "generator.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_cli_errors_are_messages(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        _cli("f-distill", tmp_path / "x", "--divergence", "tv")
+    assert info.value.code == 2 and "Unknown f-divergence 'tv'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli("disback", tmp_path / "x", "--resume_from_checkpoint", str(tmp_path / "missing"))
+    assert "is not a checkpoint directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli("disback", tmp_path / "x", "--gan_weight", "0")
+    assert "--gan_weight must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli("f-distill", tmp_path / "x", "--mixture", "ring8", "--dim", "3")
+    assert "--mixture random" in capsys.readouterr().err
+
+
+def test_random_mixture_in_more_dimensions(tmp_path):
+    _cli("f-distill", tmp_path, "--mixture", "random", "--dim", "3", "--num_modes", "3")
+    with torch.no_grad():
+        assert load_generator(tmp_path)(torch.randn(4, 3)).shape == (4, 3)
+
+
+LAUNCHES = {"cpu": ["--num_processes", "2", "--cpu"],
+            "multi": ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no"]}
+
+
+@pytest.mark.parametrize("launch", ["cpu", "multi"])
+@pytest.mark.parametrize("method", ["f-distill", "disback"])
+def test_accelerate_launch(tmp_path, method, launch):
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCHES[launch], "--mixed_precision", "no",
+           "--main_process_port", str(free_port()), "-m", "difflab.distill.train", method,
+           "--output_dir", str(tmp_path), *TINY, *METHOD_FLAGS[method]]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["finished"] and summary["num_processes"] == (2 if launch == "multi" else 1)
