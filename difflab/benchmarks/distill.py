@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ..distill import FDistillConfig, fit_mlp_teacher, train_fdistill_lowdim
 from ..eval.energy import energy_distance
 from ..models.gmm import GaussianMixture
+from ..models.gmm import unequal_ring as gmm_unequal_ring
 from ..schedule import NoiseSchedule
 from .report import bench_main, write_report
 
@@ -41,12 +42,8 @@ OFF_MODE_STDS = 3.0
 
 
 def unequal_ring(radius: float = 0.8, std: float = MODE_STD, spread: float = 6.0) -> GaussianMixture:
-    """8 modes on a circle; weights 6^(j/7) (j = 0..7) placed so heavy and light modes alternate."""
-    angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
-    means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
-    levels = spread ** (torch.arange(8, dtype=torch.float64) / 7)
-    order = [7, 0, 5, 2, 6, 1, 4, 3]  # mode i gets level order[i]
-    return GaussianMixture(means, std**2, levels[order])
+    """The benchmark's mixture (:func:`difflab.models.gmm.unequal_ring`)."""
+    return gmm_unequal_ring(radius, std, spread)
 
 
 def mode_assignment(samples: torch.Tensor, mixture: GaussianMixture) -> torch.Tensor:

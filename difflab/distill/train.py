@@ -149,7 +149,7 @@ def build_mixture(args: argparse.Namespace):
     from ..models.gmm import GaussianMixture
 
     if args.mixture == "ring8":
-        from ..benchmarks.distill import unequal_ring
+        from ..models.gmm import unequal_ring
 
         return unequal_ring()
     if args.dim < 1 or args.num_modes < 1:

@@ -270,6 +270,15 @@ class GaussianMixture:
         return float(self.means.min() - spread), float(self.means.max() + spread)
 
 
+def unequal_ring(radius: float = 0.8, std: float = 0.08, spread: float = 6.0) -> GaussianMixture:
+    """8 modes on a circle in 2-D; weights spread^(j/7), j = 0..7, placed so heavy and light modes alternate."""
+    angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+    means = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
+    levels = spread ** (torch.arange(8, dtype=torch.float64) / 7)
+    order = [7, 0, 5, 2, 6, 1, 4, 3]  # mode i gets level order[i]
+    return GaussianMixture(means, std**2, levels[order])
+
+
 def _rejection_sample(
     n: int,
     propose: Callable[[int], torch.Tensor],
