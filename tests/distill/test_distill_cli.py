@@ -79,7 +79,7 @@ def test_accelerate_launch(tmp_path, method, launch):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCHES[launch], "--mixed_precision", "no",
            "--main_process_port", str(free_port()), "-m", "difflab.distill.train", method,
            "--output_dir", str(tmp_path), *TINY, *METHOD_FLAGS[method]]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["finished"] and summary["num_processes"] == (2 if launch == "multi" else 1)
