@@ -29,15 +29,13 @@ from tqdm.auto import tqdm
 
 from ..models.gmm import GaussianMixture, GMMDenoiser, probability_flow_ode
 from ..samplers import SCHEDULERS, USFScheduler
+from ..samplers.search import drive as drive_scheduler
+from ..samplers.search_objectives import GMM_SETTINGS, gmm_scheduler_config
 from ..samplers.usf import packaged_presets
 from ..schedule import NoiseSchedule
 from .report import bench_main, write_report
 
-SETTINGS = {
-    "vp-scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-    "vp-linear": dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
-    "flow": dict(shift=1.0),
-}
+SETTINGS = GMM_SETTINGS
 DIFFUSERS_VP = {
     "DDIM": ("DDIMScheduler", dict(clip_sample=False, set_alpha_to_one=True)),
     "Euler": ("EulerDiscreteScheduler", {}),
@@ -71,11 +69,7 @@ class Result:
 
 def base_config(setting: str) -> dict:
     """A diffusers config of the setting's noise schedule (VP betas or FlowMatchEuler)."""
-    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
-
-    if setting == "flow":
-        return dict(FlowMatchEulerDiscreteScheduler(**SETTINGS[setting]).config)
-    return dict(DDPMScheduler(**SETTINGS[setting]).config)
+    return gmm_scheduler_config(setting)
 
 
 def scheduler_factories(setting: str) -> dict[str, Callable]:
@@ -97,12 +91,8 @@ def scheduler_factories(setting: str) -> dict[str, Callable]:
 
 def drive(scheduler, model: GMMDenoiser, noise: torch.Tensor, num_inference_steps: int) -> tuple[torch.Tensor, int]:
     """Run a scheduler exactly as a diffusers pipeline does; returns (sample, number of model calls)."""
-    scheduler.set_timesteps(num_inference_steps)
-    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
     calls_before = model.calls
-    for t in scheduler.timesteps:
-        model_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-        x = scheduler.step(model(model_in, t).sample, t, x).prev_sample
+    x = drive_scheduler(scheduler, lambda sample, t: model(sample, t).sample, noise, num_inference_steps)
     return x, model.calls - calls_before
 
 

@@ -23,30 +23,19 @@ from pathlib import Path
 
 import torch
 
+from ..samplers import get_scheduler
 from ..samplers.search import SearchResult, SearchSpace, drive, s3_search
 from ..samplers.search_objectives import GMM_SETTINGS, build_objective, gmm_scheduler_config
 from ..samplers.usf import USFScheduler
 from .report import bench_main, write_report
 
-BASELINES = {
-    "DPM-Solver++ 2M": ("DPMSolverMultistepScheduler", dict(solver_order=2)),
-    "DPM-Solver++ 3M": ("DPMSolverMultistepScheduler", dict(solver_order=3)),
-    "UniPC-bh2": ("UniPCMultistepScheduler", dict(solver_order=2, solver_type="bh2")),
-    "DEIS": ("DEISMultistepScheduler", dict(solver_order=2)),
-}
-FLOW_OVERRIDES = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0)
+BASELINES = {"DPM-Solver++ 2M": "dpm++2m", "DPM-Solver++ 3M": "dpm++3m", "UniPC-bh2": "unipc", "DEIS": "deis"}
 PRESET_DIR = Path(__file__).resolve().parents[1] / "samplers" / "usf_presets"
 
 
 def baseline(name: str, config: dict):
     """A diffusers built-in solver for a scheduler config (flow configs through flow sigmas)."""
-    import diffusers
-
-    cls_name, overrides = BASELINES[name]
-    cls = getattr(diffusers, cls_name)
-    if "shift" in config and "beta_start" not in config:  # a FlowMatchEuler config
-        return cls.from_config({"num_train_timesteps": config["num_train_timesteps"]}, **overrides, **FLOW_OVERRIDES)
-    return cls.from_config(config, **overrides)
+    return get_scheduler(BASELINES[name], config)
 
 
 def baseline_scores(objective, config: dict, nfe: int, split: str = "heldout") -> dict[str, float]:

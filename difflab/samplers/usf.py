@@ -543,8 +543,8 @@ class USFScheduler(DifflabScheduler):
         if self._pending_corrector is not None:
             state.sample = self._correct(state)
         data_form = step.prediction == "x0"
-        f_s = state.x0 if data_form else state.eps
-        points = [(e.lam, e.x0 if data_form else e.eps) for e in (self.history[p] for p in step.points)]
+        f_s = _prediction(state, data_form)
+        points = [(self.history[p].lam, _prediction(self.history[p], data_form)) for p in step.points]
         start = (state.alpha, state.sigma, state.lam)
         end = (state.alpha_next, state.sigma_next, state.lam_next)
         coef, increment = exponential_integrator_step(data_form, start, end, f_s, points, step.order, step.relaxation,
@@ -557,16 +557,14 @@ class USFScheduler(DifflabScheduler):
         step, last = self._pending_corrector, self.history[-1]
         corrector = step.corrector
         data_form = step.prediction == "x0"
-        new = (state.lam, state.x0 if data_form else state.eps)
-        points = []
-        for p in corrector.points:
-            if p == 1:
-                points.append(new)
-            else:
-                entry = self.history[-1 + p]
-                points.append((entry.lam, entry.x0 if data_form else entry.eps))
-        start = self._level(last.index)
+        point_entries = [state if p == 1 else self.history[-1 + p] for p in corrector.points]  # -k: before `last`
+        points = [(e.lam, _prediction(e, data_form)) for e in point_entries]
         coef, increment = exponential_integrator_step(
-            data_form, start, (state.alpha, state.sigma, state.lam), last.x0 if data_form else last.eps,
+            data_form, self._level(last.index), (state.alpha, state.sigma, state.lam), _prediction(last, data_form),
             points, corrector.order, corrector.relaxation)
         return coef * last.sample + increment
+
+
+def _prediction(point: StepState | HistoryEntry, data_form: bool) -> torch.Tensor:
+    """The prediction a step expands: x0 (data form) or eps (noise form)."""
+    return point.x0 if data_form else point.eps

@@ -17,15 +17,9 @@ from difflab.distill.disback import (
     train_disback_lowdim,
 )
 from difflab.distill.lowdim import LowDimProblem, checkpoint_dirs, exact_teacher
-from difflab.models.gmm import GaussianMixture
 from difflab.schedule import NoiseSchedule
 
 SCHEDULE = NoiseSchedule.vp(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-
-
-@pytest.fixture(scope="module")
-def mixture():
-    return GaussianMixture([[0.6, 0.0], [-0.6, 0.0], [0.0, 0.6], [0.0, -0.6]], 0.08**2, [0.4, 0.3, 0.2, 0.1])
 
 
 @pytest.fixture(scope="module")
