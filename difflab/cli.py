@@ -86,6 +86,19 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
             argparse.Namespace(**vars(_own_arguments(args, parser)), method=method)))
 
 
+def _add_align(sub: argparse._SubParsersAction) -> None:
+    align = sub.add_parser("align", help="align a model to a reward (AWM, DDPO baseline) with accelerate")
+    which = align.add_subparsers(dest="align", required=True, metavar="METHOD")
+    from .distill import align as align_train
+
+    for method in align_train.METHODS:
+        parser = which.add_parser(method, help=f"{method} on a built-in digits model or the 2-D mixture",
+                                  description=(align_train.__doc__ or "").split("\n")[0])
+        align_train.add_arguments(parser, method)
+        parser.set_defaults(func=lambda args, parser=parser, method=method: align_train.run(
+            argparse.Namespace(**vars(_own_arguments(args, parser)), method=method)))
+
+
 def _add_guidance(sub: argparse._SubParsersAction) -> None:
     guidance = sub.add_parser("guidance", help="guidance tools")
     which = guidance.add_subparsers(dest="guidance", required=True, metavar="ACTION")
@@ -272,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_models(sub)
     _add_distill(sub)
+    _add_align(sub)
     _add_guidance(sub)
     _add_fid(sub)
     _add_search(sub)

@@ -468,12 +468,22 @@ def stochastic_step_coefficients(
     the Ito density estimator assume; eta = 0 is DDIM (flow: Euler). The same formula holds for
     flow schedules (alpha = 1 - s, sigma = s). A clean end point (sigma' = 0) gives c = 0.
     """
+    if sigma_next <= 0:
+        stochastic_noise_std(alpha, sigma, alpha_next, sigma_next, eta)  # validates eta
+        return 1.0 / alpha, -sigma / alpha, 0.0
+    c = stochastic_noise_std(alpha, sigma, alpha_next, sigma_next, eta)
+    return alpha_next / alpha, math.sqrt(sigma_next**2 - c**2) - alpha_next * sigma / alpha, c
+
+
+def stochastic_noise_std(alpha: float, sigma: float, alpha_next: float, sigma_next: float, eta: float = 1.0) -> float:
+    """Fresh-noise scale ``c = eta * sigma' * sqrt(1 - exp(-2h))`` of the DDIM-eta step (0 at a clean end).
+
+    The step in (x0, eps) form is ``x' = alpha' x0_hat + sqrt(sigma'^2 - c^2) eps_hat + c z``; unlike the
+    ``(a, b, c)`` form of :func:`stochastic_step_coefficients` it also holds at alpha = 0 (flow, pure noise).
+    """
     if eta < 0:
         raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = ancestral / DDPM), got {eta}.")
     if sigma_next <= 0:
-        return 1.0 / alpha, -sigma / alpha, 0.0
-    # exp(-2h) = (alpha sigma' / (alpha' sigma))^2
-    decay = (alpha * sigma_next / (alpha_next * sigma)) ** 2
-    c = eta * sigma_next * math.sqrt(max(0.0, 1.0 - decay))
-    c = min(c, sigma_next)
-    return alpha_next / alpha, math.sqrt(sigma_next**2 - c**2) - alpha_next * sigma / alpha, c
+        return 0.0
+    decay = (alpha * sigma_next / (alpha_next * sigma)) ** 2  # exp(-2h) = (alpha sigma' / (alpha' sigma))^2
+    return min(eta * sigma_next * math.sqrt(max(0.0, 1.0 - decay)), sigma_next)

@@ -84,3 +84,25 @@ def evaluate_digits(images: torch.Tensor, labels: torch.Tensor | np.ndarray | No
     held, _ = _real_features()
     accuracy = None if labels is None else float((preds == np.asarray(labels)).mean())
     return DigitsScore(len(images), accuracy, frechet_distance_of_features(feats, held), noise_floor(len(images)))
+
+
+def _class_features(target_class: int) -> np.ndarray:
+    key = f"class-{target_class}"
+    if key not in _CACHE:
+        from ..models.digits import load_digits_dataset
+
+        images, labels = load_digits_dataset("all")
+        _CACHE[key] = classifier_outputs(images[labels == target_class])[0]
+    return _CACHE[key]
+
+
+def fd_to_class(images: torch.Tensor, target_class: int) -> float:
+    """FD-digits of generated digits against ALL real digits (both splits, about 180) of one class.
+
+    The reference of alignment runs whose reward asks for one class: compare the number with the same
+    measure of the base model's class-conditional samples of the same size, not with other FD-digits.
+    """
+    if not 0 <= int(target_class) <= 9:
+        raise ValueError(f"target_class must be in 0..9, got {target_class}.")
+    feats, _ = classifier_outputs(images)
+    return frechet_distance_of_features(feats, _class_features(int(target_class)))

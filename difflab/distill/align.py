@@ -1,0 +1,290 @@
+"""Align a model to a reward with AWM or the DDPO baseline, with accelerate.
+
+Runs as ``difflab align awm --output_dir out``, ``difflab align ddpo ...``, ``python -m
+difflab.distill.align {awm,ddpo} ...`` or ``accelerate launch -m difflab.distill.align {awm,ddpo} ...``.
+
+* ``awm``: Advantage Weighted Matching (Xue et al. 2025): the pretraining loss on the rollouts' clean
+  samples, weighted by group advantages (:mod:`difflab.distill.awm`).
+* ``ddpo``: the DDPO / Flow-GRPO-style policy gradient over the steps of stochastic rollouts
+  (:mod:`difflab.distill.ddpo`), sharing rollouts, rewards, advantages and logging with AWM.
+
+Models: ``--model digits-flow`` / ``digits-ddpm`` / a DigitsPipeline directory (rollouts with the
+pipeline's own scheduler; ``--label`` = a class or ``null`` for the unconditional prompt), or ``--model
+mixture`` (the 2-D ring of 8 unequal modes, an MLP fitted to its exact denoiser). Rewards: ``--reward
+class:3``, ``ink``, ``region:X,Y,R``, or weighted sums (``class:3*1+ink*0.5``); see
+:func:`~difflab.distill.rewards.build_reward`. Full fine-tuning, or LoRA adapters (``--lora_rank``,
+needs ``peft``).
+
+Conventions of the diffusers ``examples/`` trainers: ``--output_dir``, ``--max_train_steps`` (rollout +
+update rounds), ``--checkpointing_steps``, ``--resume_from_checkpoint latest``, ``--seed``,
+``--mixed_precision``; each process draws its own groups; advantages use the all-reduced reward std;
+gradients are all-reduced by the DDP wrapper of ``accelerator.prepare``. Every ``--validation_steps``
+the main process logs the reward of fixed-noise ODE samples (and, for digits, the target-class share,
+FD-digits to the real target-class digits and a grid ``validation-{step}.png``). The result: a
+DigitsPipeline directory (``difflab sample --model OUT``) or ``policy.safetensors`` +
+``policy_config.json`` for the mixture, and ``train_summary.json`` with the history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+METHODS = ("awm", "ddpo")
+
+
+def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.ArgumentParser:
+    """Attach the flags of ``method`` (``awm`` or ``ddpo``) to ``parser``."""
+    from .aligner import AlignConfig
+
+    d = AlignConfig()
+    parser.set_defaults(method=method)
+    add = parser.add_argument
+    add("--output_dir", required=True, help="Where checkpoints, validation grids and the aligned model go.")
+    add("--model", default="digits-flow", help="digits-flow, digits-ddpm, a DigitsPipeline directory, or mixture.")
+    add("--reward", default=None, help="class:K, ink, region:X,Y,R or a weighted sum (default: class:3 for digits, "
+                                       "region:0.8,0,0.3 for the mixture).")
+    add("--label", default="null", help="Digits: the class the samples are drawn for, or 'null' (unconditional).")
+    add("--max_train_steps", type=int, default=d.max_train_steps, help="Rollout + update rounds.")
+    add("--num_groups", type=int, default=d.num_groups, help="Groups (prompts) per round and process.")
+    add("--group_size", type=int, default=d.group_size, help="Samples per group.")
+    add("--num_inference_steps", type=int, default=d.num_inference_steps, help="Sampling steps of the rollouts.")
+    add("--learning_rate", type=float, default=d.learning_rate)
+    add("--adam_weight_decay", type=float, default=d.weight_decay)
+    add("--max_grad_norm", type=float, default=d.max_grad_norm, help="Gradient clipping norm (0 disables).")
+    add("--advantage_std", choices=("global", "group", "none"), default=d.advantage_std,
+        help="Std of the advantage normalization: all rewards (AWM default), each group's, or none.")
+    add("--lora_rank", type=int, default=0, help="Train LoRA adapters of this rank (needs peft); 0: full fine-tuning.")
+    add("--seed", type=int, default=d.seed)
+    add("--checkpointing_steps", type=int, default=d.checkpointing_steps)
+    add("--resume_from_checkpoint", default=None, help="A checkpoint-N directory, or 'latest' in --output_dir.")
+    add("--mixed_precision", choices=("no",), default="no", help="Only 'no': the trainer runs in float32.")
+    add("--validation_steps", type=int, default=10, help="Validate every N rounds (0: only at the end).")
+    add("--num_validation_samples", type=int, default=256)
+    add("--stop_after_steps", type=int, default=None, help="Stop after this round as if killed (resume later).")
+    add("--teacher_steps", type=int, default=2000, help="Mixture: steps of the MLP fit to the exact denoiser.")
+    add("--no_progress", action="store_true")
+    if method == "awm":
+        add("--train_timesteps", type=int, default=d.train_timesteps, help="Training timesteps K per sample.")
+        add("--weighting", choices=("uniform", "ghuber"), default=d.weighting,
+            help="psi(l): the plain MSE (paper equation) or the reference code's ghuber (default).")
+        add("--kl_beta", type=float, default=d.kl_beta, help="Weight of the velocity/eps-MSE KL to the reference.")
+        add("--ema_beta", type=float, default=d.ema_beta, help="Weight of the MSE to the EMA anchor.")
+    else:
+        add("--eta", type=float, default=d.eta, help="Noise of the stochastic rollouts (1: DDPM / SDE step).")
+        add("--clip_range", type=float, default=d.clip_range, help="PPO ratio clipping.")
+        add("--kl_beta", type=float, default=d.ddpo_kl_beta, help="Weight of the per-step KL to the reference.")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m difflab.distill.align", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="method", required=True, metavar="METHOD")
+    for method in METHODS:
+        add_arguments(sub.add_parser(method, help=f"{method} on a built-in model"), method)
+    return parser
+
+
+def build_config(args: argparse.Namespace):
+    """AlignConfig from the flags (ValueError on bad values)."""
+    from .aligner import AlignConfig
+
+    common = dict(method=args.method, max_train_steps=args.max_train_steps, num_groups=args.num_groups,
+                  group_size=args.group_size, num_inference_steps=args.num_inference_steps,
+                  learning_rate=args.learning_rate, weight_decay=args.adam_weight_decay,
+                  max_grad_norm=args.max_grad_norm, advantage_std=args.advantage_std, seed=args.seed,
+                  checkpointing_steps=args.checkpointing_steps)
+    if args.method == "awm":
+        config = AlignConfig(**common, train_timesteps=args.train_timesteps, weighting=args.weighting,
+                             kl_beta=args.kl_beta, ema_beta=args.ema_beta)
+    else:
+        config = AlignConfig(**common, eta=args.eta, clip_range=args.clip_range, ddpo_kl_beta=args.kl_beta)
+    config.validate()
+    if args.validation_steps < 0 or args.lora_rank < 0:
+        raise ValueError("--validation_steps and --lora_rank must be >= 0.")
+    return config
+
+
+def build_problem(args: argparse.Namespace):
+    """The AlignProblem of ``--model`` with ``--reward`` and ``--label``."""
+    from .aligner import digits_problem, mixture_problem
+    from .rewards import CompositeReward, DigitsClassReward, build_reward
+
+    if args.model == "mixture":
+        reward = build_reward(args.reward or "region:0.8,0,0.3")
+        return mixture_problem(reward, teacher_steps=args.teacher_steps, seed=args.seed,
+                               eval_samples=args.num_validation_samples)
+    reward = build_reward(args.reward or "class:3")
+    label = None if args.label == "null" else _label(args.label)
+    terms = reward.terms if isinstance(reward, CompositeReward) else [(reward, 1.0)]
+    classes = [term.target_class for term, _ in terms if isinstance(term, DigitsClassReward)]
+    target = classes[0] if classes else label  # FD-digits against the real digits of this class
+    return digits_problem(args.model, reward, label, eval_samples=args.num_validation_samples, target_class=target)
+
+
+def _label(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 9:
+        raise ValueError(f"--label must be a digit 0..9 or 'null', got {text!r}.")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Result
+# --------------------------------------------------------------------------------------------
+
+
+def merged_policy(state, problem) -> torch.nn.Module:
+    """The policy as a plain copy of the original network (LoRA adapters merged in)."""
+    import copy
+
+    net = state.policy
+    if not any("lora_" in name for name, _ in net.named_parameters()):
+        return net
+    for module in net.modules():
+        if hasattr(module, "merge") and hasattr(module, "lora_A"):
+            module.merge()
+    weights = {k.replace(".base_layer.", "."): v for k, v in net.state_dict().items() if "lora_" not in k}
+    plain = copy.deepcopy(state.reference)
+    plain.load_state_dict(weights, strict=True)
+    return plain
+
+
+def save_result(output_dir: Path, args: argparse.Namespace, state, problem) -> None:
+    """A DigitsPipeline directory (digits) or policy.safetensors + policy_config.json (mixture)."""
+    net = merged_policy(state, problem).eval()
+    if args.model == "mixture":
+        from safetensors.torch import save_file
+
+        from .train import SCHEDULE
+
+        save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(output_dir / "policy.safetensors"))
+        config = {"dim": net.dim, "hidden": net.hidden, "depth": net.depth, "prediction_type": net.prediction_type,
+                  "time_embedding_dim": net.time_embedding_dim, "schedule": SCHEDULE}
+        (output_dir / "policy_config.json").write_text(json.dumps(config, indent=1) + "\n")
+        return
+    from ..models.digits import DigitsPipeline
+
+    DigitsPipeline(unet=net, scheduler=problem.make_scheduler()).save_pretrained(output_dir)
+
+
+def load_mixture_policy(output_dir: str | Path):
+    """The aligned MLP denoiser of a ``--model mixture`` run."""
+    from safetensors.torch import load_file
+
+    from .disback import strict_load
+    from .nets import MLPDenoiser
+
+    path = Path(output_dir) / "policy_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{output_dir} has no policy_config.json; is it a finished `align --model mixture` run?")
+    cfg = json.loads(path.read_text())
+    net = MLPDenoiser(cfg["dim"], cfg["hidden"], cfg["depth"], cfg["prediction_type"], cfg["time_embedding_dim"])
+    strict_load(net, load_file(str(Path(output_dir) / "policy.safetensors")), "policy.safetensors")
+    return net.eval()
+
+
+def validate(state, problem, args: argparse.Namespace, output_dir: Path) -> dict:
+    """Evaluation of the current policy (main process); a grid ``validation-{step}.png`` for digits."""
+    from .aligner import policy_samples
+
+    stats = problem.evaluate(state.policy, args.num_inference_steps)
+    if args.model != "mixture":
+        from ..models.digits import make_grid
+
+        x = policy_samples(problem, state.policy, 64, args.num_inference_steps)
+        make_grid((x.clamp(-1, 1) + 1) / 2, nrow=8).save(output_dir / f"validation-{state.step}.png")
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train with parsed ``args``; returns a summary dict."""
+    from accelerate import Accelerator
+
+    from .aligner import align_iteration, build_state
+    from .loop import Runtime, write_checkpoint
+    from .lowdim import resolve_checkpoint
+
+    config = build_config(args)
+    output_dir = Path(args.output_dir)
+    resume = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+    runtime = Runtime.from_accelerator(accelerator)
+    if runtime.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    problem = build_problem(args)
+    problem.net.to(accelerator.device)
+    state = build_state(problem, config, args.lora_rank)
+    if resume is not None:
+        payload = torch.load(resume / "state.pt", map_location="cpu", weights_only=False)
+        if payload.get("method") != args.method:
+            raise ValueError(f"{resume} is a {payload.get('method')} checkpoint, not a {args.method} one; use a fresh "
+                             "--output_dir.")
+        state.load_state_dict(payload["state"])
+        accelerator.print(f"Resuming from {resume} (round {state.step})")
+    elif args.resume_from_checkpoint is not None:
+        accelerator.print(f"No checkpoint found in {output_dir}; starting a new run.")
+    runtime.register(state.policy)
+    stop = min(config.max_train_steps, args.stop_after_steps or config.max_train_steps)
+    bar = tqdm(total=config.max_train_steps, initial=state.step, desc=f"align {args.method}",
+               disable=args.no_progress or not runtime.is_main)
+    start = time.perf_counter()
+    while state.step < stop:
+        stats = align_iteration(state, problem, config, runtime)
+        entry = {"step": state.step, "samples": state.samples, **stats}
+        if args.validation_steps and state.step % args.validation_steps == 0 and runtime.is_main:
+            entry.update(validate(state, problem, args, output_dir))
+        state.history.append(entry)
+        bar.update(1)
+        bar.set_postfix(reward=f"{stats['reward']:.3f}", samples=state.samples)
+        if state.step % config.checkpointing_steps == 0:
+            if runtime.is_main:
+                write_checkpoint(output_dir, state.step, {"method": args.method, "config": asdict(config),
+                                                          "state": state.state_dict()})
+            runtime.barrier()
+    bar.close()
+    done = state.step >= config.max_train_steps
+    summary = {"method": args.method, "model": args.model, "reward": repr(problem.reward), "steps": state.step,
+               "samples": state.samples, "finished": done, "train_seconds": time.perf_counter() - start,
+               "num_processes": accelerator.num_processes}
+    accelerator.wait_for_everyone()
+    if done and runtime.is_main:
+        final = validate(state, problem, args, output_dir)
+        save_result(output_dir, args, state, problem)
+        summary["final"] = final
+        with open(output_dir / "train_summary.json", "w") as f:
+            json.dump({**summary, "history": state.history, "config": asdict(config), "args": vars(args)}, f,
+                      indent=1, default=str)
+        accelerator.print(f"wrote {output_dir}: final validation {json.dumps(final)}")
+    accelerator.end_training()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Entry point of ``python -m difflab.distill.align`` (errors in the flags: a message, exit status 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, ArithmeticError) as err:
+        parser.exit(2, f"{parser.prog} {args.method}: error: {err}\n")
+    return None
+
+
+if __name__ == "__main__":
+    main()

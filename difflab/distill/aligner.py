@@ -1,0 +1,339 @@
+"""The alignment harness shared by AWM and the DDPO baseline: problems, state, one iteration, evaluation.
+
+One iteration = one on-policy round: draw ``num_groups x group_size`` samples from the current policy
+(AWM: any scheduler, ODE by default; DDPO: the stochastic DDIM-eta step with log-likelihoods on the same
+timestep grid), score them with the reward, turn rewards into group advantages, take ONE optimizer step
+on the method's loss (gradient-norm clipping at 1, as both reference codes), update the EMA anchor.
+Both methods share everything but the loss (:mod:`~difflab.distill.awm`, :mod:`~difflab.distill.ddpo`),
+so "reward per generated sample" compares the losses and nothing else.
+
+Problems (:class:`AlignProblem`): a built-in digits model (``digits-flow``, ``digits-ddpm`` or any
+DigitsPipeline directory; labels = one class or the null class) and a 2-D Gaussian mixture whose
+denoiser is an MLP fitted to the exact one (:func:`mixture_problem`), where the ideal aligned
+distribution -- the mixture restricted to the reward region -- is known exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..schedule import NoiseSchedule
+from .awm import WEIGHTINGS, awm_loss
+from .ddpo import ddpo_loss, trainable_steps
+from .engine import global_mean, step_generator
+from .loop import Runtime, check_finite
+from .rewards import Reward, group_advantages
+from .rollout import ode_rollout, sde_rollout, training_timestep_indices
+
+METHODS = ("awm", "ddpo")
+
+
+@dataclass
+class AlignConfig:
+    """Settings of an alignment run. Defaults: AWM reference configuration where it applies (see docs)."""
+
+    method: str = "awm"
+    max_train_steps: int = 100  # rollout + update rounds
+    num_groups: int = 4  # groups (prompts) per round and process
+    group_size: int = 16
+    num_inference_steps: int = 10
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    advantage_std: str = "global"
+    advantage_clip: float = 5.0
+    advantage_max: float = 1.0
+    # AWM
+    train_timesteps: int = 6
+    weighting: str = "ghuber"
+    kl_beta: float = 0.003
+    ema_beta: float = 1.0
+    ema_decay_max: float = 0.3  # anchor decay min(ema_decay_max, ema_decay_ramp * step)
+    ema_decay_ramp: float = 0.001
+    # DDPO
+    eta: float = 1.0
+    clip_range: float = 1e-4
+    ddpo_kl_beta: float = 0.0
+    seed: int = 0
+    checkpointing_steps: int = 50
+
+    def validate(self) -> None:
+        """ValueError naming the setting when one is out of range."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown alignment method {self.method!r}; use one of {', '.join(METHODS)}.")
+        for name in ("max_train_steps", "num_groups", "group_size", "num_inference_steps", "train_timesteps",
+                     "checkpointing_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.num_inference_steps < 3:
+            raise ValueError(f"num_inference_steps must be >= 3 (AWM skips the first step and the last 10%), "
+                             f"got {self.num_inference_steps}.")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown AWM weighting {self.weighting!r}; use one of {', '.join(WEIGHTINGS)}.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        if self.eta <= 0 and self.method == "ddpo":
+            raise ValueError("the DDPO baseline needs stochastic rollouts: eta must be > 0 (1 = DDPM / SDE).")
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_groups * self.group_size
+
+
+@dataclass
+class AlignProblem:
+    """What is aligned: a trainable denoiser, its schedule and sampler, labels, a reward, evaluation."""
+
+    net: nn.Module
+    schedule: NoiseSchedule
+    prediction_type: str
+    make_scheduler: Callable[[], Any]
+    sample_shape: tuple[int, ...]
+    reward: Reward
+    group_labels: torch.Tensor | None  # (num_groups,) label of each group, or None (unconditional MLP)
+    evaluate: Callable[[nn.Module, int], dict] | None = None
+    name: str = ""
+
+    def labels(self, num_groups: int, group_size: int, rank: int = 0) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(labels (B,) or None, group ids (B,)); groups of process ``rank`` get their own ids."""
+        groups = torch.arange(num_groups).repeat_interleave(group_size) + rank * num_groups
+        if self.group_labels is None:
+            return None, groups
+        labels = self.group_labels[torch.arange(num_groups) % len(self.group_labels)]
+        return labels.repeat_interleave(group_size), groups
+
+
+@dataclass
+class AlignState:
+    """Everything a checkpoint holds: policy, frozen reference, EMA anchor, optimizer, counters, history."""
+
+    policy: nn.Module
+    reference: nn.Module
+    anchor: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    samples: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {"policy": self.policy.state_dict(), "anchor": self.anchor.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "step": self.step, "samples": self.samples,
+                "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.load_state_dict(state["policy"], strict=True)
+        self.anchor.load_state_dict(state["anchor"], strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.samples, self.history = state["step"], state["samples"], list(state["history"])
+
+
+def build_state(problem: AlignProblem, config: AlignConfig, lora_rank: int = 0) -> AlignState:
+    """Policy (the problem's network, or LoRA adapters on it), frozen reference copy and EMA anchor, AdamW."""
+    config.validate()
+    reference = copy.deepcopy(problem.net).eval().requires_grad_(False)
+    policy = problem.net.train()
+    if lora_rank > 0:
+        policy = add_lora(policy, lora_rank)
+    anchor = copy.deepcopy(policy).eval().requires_grad_(False)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.999))
+    return AlignState(policy, reference, anchor, optimizer)
+
+
+def add_lora(net: nn.Module, rank: int) -> nn.Module:
+    """LoRA adapters (``peft``) on the attention / linear projections; only they are trained."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ValueError("LoRA needs the `peft` package: pip install peft (or drop --lora_rank for full "
+                          "fine-tuning).") from None
+    targets = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]  # full names: exact matches
+    net.requires_grad_(False)
+    net = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=True),
+                                  net)
+    return net
+
+
+@torch.no_grad()
+def update_anchor(state: AlignState, config: AlignConfig) -> None:
+    """EMA anchor of AWM (a trust region): decay min(ema_decay_max, ema_decay_ramp * step), as the reference."""
+    decay = min(config.ema_decay_max, config.ema_decay_ramp * state.step)
+    for a, p in zip(state.anchor.parameters(), state.policy.parameters()):
+        a.lerp_(p.detach(), 1.0 - decay)
+
+
+def align_iteration(state: AlignState, problem: AlignProblem, config: AlignConfig,
+                    runtime: Runtime | None = None) -> dict:
+    """One rollout round and one optimizer step of ``config.method``; returns statistics, advances the state."""
+    runtime = runtime or Runtime()
+    g = step_generator(config.seed, state.step, runtime.rank)
+    labels, groups = problem.labels(config.num_groups, config.group_size, runtime.rank)
+    shape = (config.batch_size, *problem.sample_shape)
+    scheduler = problem.make_scheduler()
+    state.policy.eval()
+    if config.method == "awm":
+        x0, grid = ode_rollout(state.policy, scheduler, config.num_inference_steps, labels, shape, g)
+    else:
+        scheduler.set_timesteps(config.num_inference_steps)
+        grid = scheduler.timesteps.detach().float().cpu()
+        trajectory = sde_rollout(state.policy, problem.schedule, problem.prediction_type, grid, labels, shape, g,
+                                 config.eta)
+        x0 = trajectory.final
+    rewards = problem.reward(x0, labels).double().cpu()
+    advantages = group_advantages(rewards, groups, config.advantage_std, config.advantage_clip, config.advantage_max)
+    state.policy.train()
+    trained = runtime.train_view(state.policy)
+    if config.method == "awm":
+        timesteps = grid[training_timestep_indices(len(grid), config.train_timesteps, g)]
+        terms = awm_loss(trained, problem.schedule, problem.prediction_type, x0, labels, advantages.to(x0.device),
+                         timesteps, g, config.weighting, state.reference, config.kl_beta, state.anchor,
+                         config.ema_beta)
+        parts = {"policy_loss": terms.policy, "kl": terms.kl, "ema_kl": terms.ema_kl, "mse": terms.mse}
+    else:
+        terms = ddpo_loss(trained, problem.schedule, problem.prediction_type, trajectory, labels,
+                          advantages.to(x0.device), trainable_steps(trajectory), config.clip_range,
+                          state.reference, config.ddpo_kl_beta)
+        parts = {"policy_loss": terms.policy, "kl": terms.kl, "clip_fraction": terms.clip_fraction}
+    state.optimizer.zero_grad(set_to_none=True)
+    terms.loss.backward()
+    grad_norm = _clip(state.policy, config.max_grad_norm)
+    state.optimizer.step()
+    state.step += 1
+    if config.method == "awm" and config.ema_beta > 0:
+        update_anchor(state, config)
+    state.samples += config.batch_size * runtime.num_processes
+    stats = {"reward": global_mean(rewards.mean().reshape(1)).item(), "grad_norm": grad_norm,
+             "zero_advantage": (advantages == 0).double().mean().item(), **parts}
+    check_finite(stats, state.step - 1)
+    return stats
+
+
+def _clip(module: nn.Module, max_norm: float) -> float:
+    params = [p for p in module.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+
+
+# --------------------------------------------------------------------------------------------
+# Problems
+# --------------------------------------------------------------------------------------------
+
+
+def digits_problem(model: str, reward: Reward, label: int | None = None, eval_samples: int = 256,
+                   target_class: int | None = None) -> AlignProblem:
+    """A built-in digits model (or a DigitsPipeline directory): labels = ``label`` (None: the null class)."""
+    from ..models import load
+    from ..models.digits import NULL_CLASS
+
+    pipe = load(model)
+    scheduler_config = dict(pipe.scheduler.config)
+    scheduler_cls = type(pipe.scheduler)
+    schedule = NoiseSchedule.from_config(scheduler_config)
+    prediction_type = "flow_prediction" if schedule.kind == "flow" else scheduler_config.get("prediction_type",
+                                                                                             "epsilon")
+    group_label = NULL_CLASS if label is None else int(label)
+    size = pipe.unet.config.sample_size
+    problem = AlignProblem(
+        net=pipe.unet, schedule=schedule, prediction_type=prediction_type,
+        make_scheduler=lambda: scheduler_cls.from_config(scheduler_config),
+        sample_shape=(pipe.unet.config.in_channels, size, size), reward=reward,
+        group_labels=torch.tensor([group_label]), name=str(model))
+    problem.evaluate = lambda net, steps: evaluate_digits_policy(problem, net, steps, eval_samples, target_class)
+    return problem
+
+
+@torch.no_grad()
+def policy_samples(problem: AlignProblem, net: nn.Module, num_samples: int, steps: int, seed: int = 12345
+                   ) -> torch.Tensor:
+    """Deterministic-noise ODE samples of ``net`` with the problem's own scheduler (for evaluation)."""
+    labels = None if problem.group_labels is None else problem.group_labels[:1].repeat(num_samples)
+    was_training = net.training
+    net.eval()
+    x0, _ = ode_rollout(net, problem.make_scheduler(), steps, labels, (num_samples, *problem.sample_shape),
+                        torch.Generator().manual_seed(seed))
+    net.train(was_training)
+    return x0
+
+
+def evaluate_digits_policy(problem: AlignProblem, net: nn.Module, steps: int, num_samples: int,
+                           target_class: int | None) -> dict:
+    """Reward of fixed-noise ODE samples, class histogram, FD-digits to the real digits of ``target_class``."""
+    from ..eval.digits import classifier_outputs, fd_to_class
+
+    x0 = policy_samples(problem, net, num_samples, steps)
+    out = {"eval_reward": problem.reward(x0, None).double().mean().item()}
+    _, predicted = classifier_outputs(x0)
+    if target_class is not None:
+        out["eval_class_share"] = float((predicted == target_class).mean())
+        out["fd_to_class"] = fd_to_class(x0, target_class)
+    return out
+
+
+def mixture_problem(reward: Reward, hidden: int = 128, depth: int = 3, teacher_steps: int = 2000, seed: int = 0,
+                    eval_samples: int = 2000, progress: bool = False) -> AlignProblem:
+    """The 2-D ring of 8 unequal modes; the network is an MLP fitted to its exact eps-denoiser."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from ..models.gmm import unequal_ring
+    from .lowdim import fit_mlp_teacher
+    from .train import SCHEDULE
+
+    mixture = unequal_ring()
+    schedule = NoiseSchedule.from_config(SCHEDULE)
+    net = fit_mlp_teacher(mixture, schedule, "epsilon", steps=teacher_steps, hidden=hidden, depth=depth, seed=seed,
+                          progress=progress)
+    problem = AlignProblem(net=net, schedule=schedule, prediction_type="epsilon",
+                           make_scheduler=lambda: DPMSolverMultistepScheduler(**SCHEDULE),
+                           sample_shape=(mixture.dim,), reward=reward, group_labels=None, name="mixture ring8")
+    problem.evaluate = lambda net_, steps: evaluate_mixture_policy(problem, mixture, net_, steps, eval_samples)
+    return problem
+
+
+def restricted_mixture_samples(mixture, reward, n: int, seed: int = 7) -> torch.Tensor:
+    """Exact samples of the mixture restricted to the reward's region (rejection sampling)."""
+    g = torch.Generator().manual_seed(seed)
+    kept, total = [], 0
+    for _ in range(1000):
+        x = mixture.sample(20 * n, generator=g)
+        x = x[reward.inside(x)]
+        kept.append(x)
+        total += len(x)
+        if total >= n:
+            return torch.cat(kept)[:n]
+    raise ValueError("the reward region holds almost none of the mixture's mass; choose a region on a mode.")
+
+
+def evaluate_mixture_policy(problem: AlignProblem, mixture, net: nn.Module, steps: int, num_samples: int) -> dict:
+    """Reward, share inside the region, energy distance to exact samples of the restricted mixture."""
+    from ..eval.energy import energy_distance
+
+    x0 = policy_samples(problem, net, num_samples, steps).double()
+    out = {"eval_reward": problem.reward(x0, None).double().mean().item()}
+    if hasattr(problem.reward, "inside"):
+        out["inside_share"] = problem.reward.inside(x0).double().mean().item()
+        target = restricted_mixture_samples(mixture, problem.reward, num_samples)
+        out["energy_to_target"] = energy_distance(x0, target)
+    return out
+
+
+def config_dict(config: AlignConfig) -> dict:
+    return asdict(config)
+
+
+def samples_to_reach(history: list[dict], key: str, level: float) -> int | None:
+    """Generated samples at the first history entry with ``history[key] >= level`` (None if never)."""
+    for entry in history:
+        if key in entry and entry[key] >= level and math.isfinite(entry[key]):
+            return int(entry["samples"])
+    return None

@@ -1,0 +1,98 @@
+"""`difflab align awm|ddpo`: results, resume from 'latest', LoRA, errors, accelerate launch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from difflab.benchmarks.fid import free_port
+from difflab.cli import main
+from difflab.distill.align import load_mixture_policy
+
+MIXTURE = ["--model", "mixture", "--teacher_steps", "20", "--max_train_steps", "4", "--num_groups", "2",
+           "--group_size", "8", "--num_inference_steps", "5", "--validation_steps", "2",
+           "--num_validation_samples", "100", "--checkpointing_steps", "2", "--no_progress"]
+DIGITS = ["--model", "digits-flow", "--max_train_steps", "2", "--num_groups", "1", "--group_size", "4",
+          "--num_inference_steps", "4", "--validation_steps", "1", "--num_validation_samples", "16",
+          "--checkpointing_steps", "1", "--no_progress"]
+
+
+def _cli(method: str, out: Path, *extra: str) -> None:
+    main(["align", method, "--output_dir", str(out), *extra])
+
+
+@pytest.mark.parametrize("method", ["awm", "ddpo"])
+def test_mixture_run_resumes_to_the_uninterrupted_result(tmp_path, method):
+    _cli(method, tmp_path / "a", *MIXTURE)
+    summary = json.loads((tmp_path / "a" / "train_summary.json").read_text())
+    assert summary["finished"] and summary["samples"] == 64 and len(summary["history"]) == 4
+    assert {"reward", "inside_share", "energy_to_target"} <= set(summary["history"][1])
+    with torch.no_grad():
+        assert load_mixture_policy(tmp_path / "a")(torch.randn(3, 2), torch.tensor([10.0] * 3)).sample.shape == (3, 2)
+    _cli(method, tmp_path / "b", *MIXTURE, "--stop_after_steps", "3")  # "killed" after checkpoint-2
+    assert not (tmp_path / "b" / "policy.safetensors").exists()
+    _cli(method, tmp_path / "b", *MIXTURE, "--resume_from_checkpoint", "latest")
+    a, b = load_file(tmp_path / "a" / "policy.safetensors"), load_file(tmp_path / "b" / "policy.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_digits_run_writes_a_pipeline_directory(tmp_path, lora):
+    from difflab.models import load
+
+    extra = ["--lora_rank", "4", "--learning_rate", "1e-2"] if lora else []
+    _cli("awm", tmp_path, *DIGITS, "--reward", "class:3+ink*0.1", *extra)
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["finished"] and "fd_to_class" in summary["final"]
+    assert (tmp_path / "validation-2.png").is_file()
+    pipe = load(tmp_path)
+    assert type(pipe).__name__ == "DigitsPipeline" and type(pipe.unet).__name__ == "UNet2DModel"
+    images = pipe(class_labels=[3], num_inference_steps=2, output_type="pt").images
+    assert images.shape == (1, 1, 16, 16)
+    base = load("digits-flow").unet.state_dict()
+    changed = [k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, base[k])]
+    assert changed  # the aligned weights, LoRA merged into the plain UNet
+    if lora:
+        assert all(k.endswith(".weight") and "conv" not in k for k in changed)
+
+
+def test_ddpo_on_digits_ddpm(tmp_path):
+    _cli("ddpo", tmp_path, *DIGITS, "--model", "digits-ddpm", "--reward", "ink", "--label", "7")
+    assert json.loads((tmp_path / "train_summary.json").read_text())["finished"]
+
+
+def test_errors_are_messages(tmp_path, capsys):
+    for extra, message in [(["--reward", "clas:3"], "unknown reward"), (["--label", "x"], "--label must be a digit"),
+                           (["--num_inference_steps", "2"], "num_inference_steps must be >= 3"),
+                           (["--resume_from_checkpoint", str(tmp_path / "none")], "is not a checkpoint directory")]:
+        with pytest.raises(SystemExit) as info:
+            _cli("awm", tmp_path / "x", *DIGITS, *extra)
+        assert info.value.code == 2 and message in capsys.readouterr().err
+    _cli("ddpo", tmp_path / "m", *MIXTURE, "--stop_after_steps", "2")
+    with pytest.raises(SystemExit):
+        _cli("awm", tmp_path / "m", *MIXTURE, "--resume_from_checkpoint", "latest")
+    assert "is a ddpo checkpoint" in capsys.readouterr().err
+
+
+LAUNCHES = {"cpu": ["--num_processes", "2", "--cpu"],
+            "multi": ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no"]}
+
+
+@pytest.mark.parametrize("launch", ["cpu", "multi"])
+def test_accelerate_launch(tmp_path, launch):
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCHES[launch], "--mixed_precision", "no",
+           "--main_process_port", str(free_port()), "-m", "difflab.distill.align", "awm",
+           "--output_dir", str(tmp_path), *MIXTURE]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    processes = 2 if launch == "multi" else 1
+    assert summary["finished"] and summary["num_processes"] == processes and summary["samples"] == 64 * processes
