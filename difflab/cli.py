@@ -17,6 +17,7 @@ BENCHMARKS = {
     "composition": ("difflab.benchmarks.composition", "FKC and SuperDiff on exact Gaussian-mixture targets; AND of digits"),
     "usf": ("difflab.benchmarks.usf", "S^3-searched USF schedules against diffusers' solvers per NFE"),
     "distill": ("difflab.benchmarks.distill", "f-distill on a 2-D mixture of 8 unequal modes: mode coverage per divergence"),
+    "align": ("difflab.benchmarks.align", "AWM against a DDPO-style baseline: reward versus generated samples"),
 }
 
 

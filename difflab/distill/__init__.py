@@ -12,8 +12,28 @@
 * :mod:`~difflab.distill.loop`: process-aware iteration (DDP-wrapped trained modules) for accelerate.
 * :mod:`~difflab.distill.train`: ``difflab distill {f-distill,disback}`` / ``accelerate launch -m
   difflab.distill.train`` (imported lazily, not re-exported here).
+
+Alignment to a reward:
+
+* :mod:`~difflab.distill.rewards`: the reward protocol, built-in rewards, group advantages.
+* :mod:`~difflab.distill.rollout`: rollouts with any scheduler, or stochastic ones with log-likelihoods.
+* :mod:`~difflab.distill.awm`: Advantage Weighted Matching (Xue et al. 2025).
+* :mod:`~difflab.distill.ddpo`: the DDPO / Flow-GRPO-style policy-gradient baseline.
+* :mod:`~difflab.distill.aligner`: the shared harness (problems, state, one round, evaluation).
+* :mod:`~difflab.distill.align`: ``difflab align {awm,ddpo}`` / ``accelerate launch -m difflab.distill.align``.
 """
 
+from .aligner import (
+    AlignConfig,
+    AlignProblem,
+    AlignState,
+    align_iteration,
+    build_state,
+    digits_problem,
+    mixture_problem,
+)
+from .awm import awm_loss
+from .ddpo import ddpo_loss
 from .disback import Backtracker, DisBackConfig, DisBackRun, strict_load, train_disback_lowdim
 from .engine import (
     EMA,
@@ -42,8 +62,13 @@ from .fdistill import (
 from .loop import Runtime, fdistill_iteration
 from .lowdim import FDistillConfig, FDistillRun, exact_teacher, fit_mlp_teacher, train_fdistill_lowdim
 from .nets import DiscriminatorHead, MLPDenoiser, OneStepGenerator
+from .rewards import CompositeReward, DigitsClassReward, InkReward, RegionReward, build_reward, group_advantages
+from .rollout import ode_rollout, sde_rollout
 
 __all__ = [
+    "AlignConfig", "AlignProblem", "AlignState", "CompositeReward", "DigitsClassReward", "InkReward", "RegionReward",
+    "align_iteration", "awm_loss", "build_reward", "build_state", "ddpo_loss", "digits_problem", "group_advantages",
+    "mixture_problem", "ode_rollout", "sde_rollout",
     "Backtracker", "DisBackConfig", "DisBackRun", "Runtime", "fdistill_iteration", "strict_load",
     "train_disback_lowdim",
     "DIVERGENCES", "EMA", "WEIGHTINGS", "DiscriminatorHead", "FDistillConfig", "FDistillRun", "MLPDenoiser",
