@@ -20,8 +20,12 @@ both methods, so DDPO's noisier SDE rollouts do not count against it): mean rewa
 K, and FD-digits to ALL real digits of class K (about 180; a small reference, so only compare FD numbers
 within this page). "Samples to 90%" is the number of generated (rollout) samples after which the
 evaluated reward first reaches 90% of AWM's final evaluated reward at its chosen learning rate; a
-method that never reaches it within its budget shows "> budget". The learning-rate grid of each method
-is in the tables; each method is reported at its best learning rate (fewest samples to the threshold).
+method that never reaches it within its budget shows "> budget". Both methods use the same
+learning-rate grid (in the tables); each is reported at its best learning rate (fewest samples to the
+threshold). Because the grid runs are evaluated every 3 rounds (192 samples), the best AWM and DDPO
+runs of each model are re-run with ``--resolve`` and evaluated after every round (64 samples) until
+they reach the threshold; those are the headline ratios. "awm KL b" rows are AWM with a larger KL
+weight (the FD check).
 
 The 2-D case: the ring of 8 unequal modes (``difflab.models.gmm.unequal_ring``), an MLP fitted to the
 exact eps-denoiser as the base model, the reward a soft disk of radius 0.3 on the lightest mode. The
@@ -42,7 +46,7 @@ import torch
 
 from .report import bench_main, write_report
 
-GRID = {"awm": [1e-5, 3e-5, 1e-4], "ddpo": [1e-4, 3e-4, 1e-3]}
+LEARNING_RATES = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]  # the same grid for both methods
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,12 +54,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target_class", type=int, default=3)
     parser.add_argument("--awm_rounds", type=int, default=30)
     parser.add_argument("--ddpo_rounds", type=int, default=48)
-    parser.add_argument("--awm_lrs", type=float, nargs="+", default=GRID["awm"])
-    parser.add_argument("--ddpo_lrs", type=float, nargs="+", default=GRID["ddpo"])
+    parser.add_argument("--lrs", type=float, nargs="+", default=LEARNING_RATES, help="Learning-rate grid (both).")
     parser.add_argument("--awm_kl", type=float, default=0.1, help="KL weight of AWM to the base model.")
+    parser.add_argument("--awm_kl_sweep", type=float, nargs="*", default=[0.3, 1.0],
+                        help="Extra AWM KL weights, at --kl_sweep_lr, --kl_sweep_rounds rounds (FD check).")
+    parser.add_argument("--kl_sweep_lr", type=float, default=1e-4)
+    parser.add_argument("--kl_sweep_rounds", type=int, default=45)
+    parser.add_argument("--mixture_lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3])
+    parser.add_argument("--resolve", action="store_true",
+                        help="Re-run the best AWM and DDPO runs per model with an evaluation after every round.")
+    parser.add_argument("--reuse", action="store_true",
+                        help="Keep the runs already in the JSON next to --out; run only the missing ones.")
     parser.add_argument("--eval_every", type=int, default=3)
     parser.add_argument("--ink", action="store_true", help="Also the ink reward on the first model.")
-    parser.add_argument("--mixture_rounds", type=int, default=60)
+    parser.add_argument("--mixture_rounds", type=int, default=300)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/align.md"))
 
@@ -86,11 +98,14 @@ def run_job(job: dict) -> dict:
         if state.step % job["eval_every"] == 0 or state.step == job["rounds"]:
             entry = problem.evaluate(state.policy, config.num_inference_steps)
             history.append({"samples": state.samples, "seconds": time.time() - start, **entry})
+            if entry["eval_reward"] >= job.get("stop_at", float("inf")):
+                break  # a resolution run: only the first crossing of the threshold matters
     result = {**job, "history": history, "seconds": time.time() - start}
     if job["model"] != "mixture":
         from ..distill.aligner import policy_samples
 
-        result["grid"] = policy_samples(problem, state.policy, 32, config.num_inference_steps).tolist()
+        x = policy_samples(problem, state.policy, 16, config.num_inference_steps)
+        result["grid"] = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).tolist()
     else:
         from ..distill.aligner import policy_samples
 
@@ -126,25 +141,30 @@ def _fmt(n: int | None, budget: int) -> str:
     return f"> {budget}" if n is None else str(n)
 
 
-def reward_table(results: list[dict], model: str, reward: str) -> tuple[list[str], dict]:
+def run_label(r: dict, main_kl: float) -> str:
+    """``awm`` / ``ddpo``, or ``awm KL b`` for the runs of the KL sweep."""
+    return f"awm KL {r['kl']:g}" if r["method"] == "awm" and r["kl"] != main_kl else r["method"]
+
+
+def reward_table(results: list[dict], model: str, reward: str, main_kl: float) -> tuple[list[str], dict]:
     """Rows per (method, lr) and the headline comparison for one model and reward."""
     runs = [r for r in results if r["model"] == model and r["reward"] == reward]
-    awm = [r for r in runs if r["method"] == "awm"]
-    # AWM's chosen learning rate: the highest final reward, ties to the lower FD
+    awm = [r for r in runs if run_label(r, main_kl) == "awm"]
+    # AWM's reference run: the highest final reward (to 2 decimals), ties to the lower FD
     chosen = max(awm, key=lambda r: (round(r["history"][-1]["eval_reward"], 2), -r["history"][-1].get("fd_to_class", 0)))
     level = 0.9 * chosen["history"][-1]["eval_reward"]
     rows = ["| method | lr | rounds x 64 | start reward | final reward | final class share | final FD to class | "
             f"samples to {level:.3f} | train s |", "|---|---|---|---|---|---|---|---|---|"]
     best: dict[str, tuple] = {}
-    for r in sorted(runs, key=lambda r: (r["method"], r["lr"])):
-        h, budget = r["history"], r["history"][-1]["samples"]
+    for r in sorted(runs, key=lambda r: (run_label(r, main_kl), r["lr"])):
+        h, budget, label = r["history"], r["history"][-1]["samples"], run_label(r, main_kl)
         n = samples_to(h, level)
-        rows.append(f"| {r['method']} | {r['lr']:g} | {r['rounds']} | {h[0]['eval_reward']:.3f} | "
+        rows.append(f"| {label} | {r['lr']:g} | {r['rounds']} | {h[0]['eval_reward']:.3f} | "
                     f"{h[-1]['eval_reward']:.3f} | {h[-1].get('eval_class_share', float('nan')):.3f} | "
                     f"{h[-1].get('fd_to_class', float('nan')):.0f} | {_fmt(n, budget)} | {r['seconds']:.0f} |")
         key = (n if n is not None else 10**9, -h[-1]["eval_reward"])
-        if r["method"] not in best or key < best[r["method"]][0]:
-            best[r["method"]] = (key, r, n, budget)
+        if label not in best or key < best[label][0]:
+            best[label] = (key, r, n, budget)
     return rows, {"level": level, "best": best, "chosen": chosen}
 
 
@@ -156,9 +176,9 @@ def headline(model: str, reward: str, info: dict, base_fd: float | None) -> str:
         ratio = f"> {budget / n_awm:.1f}x (DDPO did not reach it within {budget} samples)"
     else:
         ratio = f"{n_ddpo / n_awm:.1f}x"
-    text = (f"**{model}, {reward}**: 90% of AWM's final reward = {info['level']:.3f}. AWM (lr {awm['lr']:g}) reaches "
-            f"it after {_fmt(n_awm, 0)} samples, DDPO (best lr {ddpo['lr']:g}) after {_fmt(n_ddpo, budget)}: "
-            f"AWM needs {ratio} fewer samples.")
+    text = (f"**{model}, {reward}**: 90% of AWM's final reward = {info['level']:.3f}. On the grid (evaluated every "
+            f"{awm['eval_every']} rounds) AWM (lr {awm['lr']:g}) reaches it after {_fmt(n_awm, 0)} samples, DDPO "
+            f"(best lr {ddpo['lr']:g}) after {_fmt(n_ddpo, budget)}: AWM needs {ratio} fewer samples.")
     if base_fd is not None:
         fd = info["chosen"]["history"][-1].get("fd_to_class")
         text += (f" FD-digits to the real class digits: base model's class-conditional samples {base_fd:.0f}, "
@@ -166,7 +186,7 @@ def headline(model: str, reward: str, info: dict, base_fd: float | None) -> str:
     return text
 
 
-def curves_figure(results: list[dict], png: Path) -> None:
+def curves_figure(results: list[dict], png: Path, main_kl: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,10 +196,10 @@ def curves_figure(results: list[dict], png: Path) -> None:
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 6.5), squeeze=False)
     for col, (model, reward) in enumerate(panels):
         for r in sorted((r for r in results if (r["model"], r["reward"]) == (model, reward)),
-                        key=lambda r: (r["method"], r["lr"])):
+                        key=lambda r: (run_label(r, main_kl), r["lr"])):
             style = "-" if r["method"] == "awm" else "--"
             xs = [e["samples"] for e in r["history"]]
-            label = f"{r['method']} lr {r['lr']:g}"
+            label = f"{run_label(r, main_kl)} lr {r['lr']:g}"
             axes[0][col].plot(xs, [e["eval_reward"] for e in r["history"]], style, marker=".", label=label)
             axes[1][col].plot([e["seconds"] for e in r["history"]], [e["eval_reward"] for e in r["history"]], style,
                               label=label)
@@ -191,75 +211,184 @@ def curves_figure(results: list[dict], png: Path) -> None:
     plt.close(fig)
 
 
+def mixture_figure(results: list[dict], png: Path) -> None:
+    """Samples of each method's final 2-D policy (best learning rate) over the exact restricted target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..distill.aligner import restricted_mixture_samples
+    from ..distill.rewards import build_reward
+    from ..models.gmm import unequal_ring
+
+    runs = [r for r in results if r["model"] == "mixture" and "points" in r]
+    if not runs:
+        return
+    best = {}
+    for r in runs:
+        if r["method"] not in best or r["history"][-1]["energy_to_target"] < best[r["method"]]["history"][-1]["energy_to_target"]:
+            best[r["method"]] = r
+    ring = unequal_ring()
+    reward = build_reward(runs[0]["reward"])
+    target = restricted_mixture_samples(ring, reward, 2000)
+    base = ring.sample(2000, generator=torch.Generator().manual_seed(5))
+    panels = [("exact mixture (what the base MLP learned)", base)] + [
+        (f"{m} lr {r['lr']:g}: ED {r['history'][-1]['energy_to_target']:.3f}", torch.tensor(r["points"]))
+        for m, r in sorted(best.items())]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.4))
+    for ax, (title, pts) in zip(axes, panels):
+        ax.scatter(target[:, 0], target[:, 1], s=1, color="tab:gray", alpha=0.3, label="exact target")
+        ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.35, color="tab:blue")
+        ax.add_patch(plt.Circle(reward.center.tolist(), reward.radius, fill=False, color="tab:red"))
+        ax.set(title=title, xlim=(-1.3, 1.3), ylim=(-1.3, 1.3), aspect="equal")
+        ax.title.set_fontsize(8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+
+
 def grids_figure(results: list[dict], png: Path) -> None:
     from ..models.digits import make_grid
 
     rows, labels = [], []
     for r in results:
         if "grid" in r:
-            rows.append((torch.tensor(r["grid"])[:16].clamp(-1, 1) + 1) / 2)
-            labels.append(f"{r['model']} {r['method']} {r['lr']:g} {r['reward']}")
+            rows.append(torch.tensor(r["grid"], dtype=torch.float32) / 255)
+            labels.append(f"{r['model']} {r['method']} lr {r['lr']:g} KL {r['kl']:g} {r['reward']}")
     if rows:
         make_grid(torch.cat(rows), nrow=16).save(png)
         png.with_suffix(".txt").write_text("rows, top to bottom:\n" + "\n".join(labels) + "\n")
 
 
-def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
-    start = time.time()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+def job_key(job: dict) -> tuple:
+    kl = job["kl"] if job["method"] == "awm" else 0
+    return job["model"], job["method"], job["lr"], job["reward"], job["rounds"], kl, job.get("stop_at")
+
+
+def build_jobs(args: argparse.Namespace) -> list[dict]:
+    """Every (model, method, learning rate, reward) run of the benchmark, plus the AWM KL sweep."""
     jobs = []
     cls = f"class:{args.target_class}"
+
+    def add(model, method, lr, reward, rounds, kl=args.awm_kl):
+        jobs.append({"model": model, "method": method, "lr": lr, "reward": reward, "rounds": rounds, "kl": kl,
+                     "eval_every": args.eval_every, "target_class": args.target_class})
+
     for model in args.models:
-        rewards = [cls] + (["ink"] if args.ink and model == args.models[0] else [])
-        for reward in rewards:
-            for method, lrs, rounds in (("awm", args.awm_lrs, args.awm_rounds), ("ddpo", args.ddpo_lrs, args.ddpo_rounds)):
-                if reward == "ink":
-                    lrs = lrs[1:2]
-                for lr in lrs:
-                    jobs.append({"model": model, "method": method, "lr": lr, "reward": reward, "rounds": rounds,
-                                 "kl": args.awm_kl, "eval_every": args.eval_every,
-                                 "target_class": args.target_class})
+        for method, rounds in (("awm", args.awm_rounds), ("ddpo", args.ddpo_rounds)):
+            for lr in args.lrs:
+                add(model, method, lr, cls, rounds)
+        for kl in args.awm_kl_sweep:
+            add(model, "awm", args.kl_sweep_lr, cls, args.kl_sweep_rounds, kl)
+    if args.ink:
+        add(args.models[0], "awm", 3e-5, "ink", args.awm_rounds)
+        add(args.models[0], "ddpo", 3e-4, "ink", args.ddpo_rounds)
     if args.mixture_rounds:
         from ..models.gmm import unequal_ring
 
         ring = unequal_ring()
         light = ring.means[int(ring.weights.argmin())].tolist()
         region = f"region:{light[0]:.4f},{light[1]:.4f},0.3"
-        for method, lr in (("awm", 1e-3), ("ddpo", 1e-3)):
-            jobs.append({"model": "mixture", "method": method, "lr": lr, "reward": region,
-                         "rounds": args.mixture_rounds, "kl": args.awm_kl, "eval_every": args.eval_every})
-    jobs.sort(key=lambda j: -j["rounds"] * (2 if j["model"] != "mixture" else 0.1))
+        for method in ("awm", "ddpo"):
+            for lr in args.mixture_lrs:
+                add("mixture", method, lr, region, args.mixture_rounds)
+    return jobs
+
+
+def resolution_runs(results: list[dict], done: list[dict], args: argparse.Namespace) -> list[dict]:
+    """Re-run each model's best AWM and best DDPO configuration evaluating after EVERY round, until the
+    threshold is reached (or the budget ends): the samples-to-threshold without the grid's coarse steps."""
+    jobs = []
+    for model in args.models:
+        reward = f"class:{args.target_class}"
+        _, info = reward_table([r for r in results if "stop_at" not in r], model, reward, args.awm_kl)
+        for label in ("awm", "ddpo"):
+            _, best, n, _ = info["best"][label]
+            if n is not None:
+                jobs.append({**{k: best[k] for k in ("model", "method", "lr", "reward", "rounds", "kl", "target_class")},
+                             "eval_every": 1, "stop_at": round(info["level"], 6)})
+    have = {job_key(r): r for r in done if "stop_at" in r}
+    todo = [j for j in jobs if job_key(j) not in have]
     with mp.get_context("spawn").Pool(args.workers) as pool:
-        results = pool.map(run_job, jobs, chunksize=1)
+        fresh = pool.map(run_job, todo, chunksize=1)
+    return [have[job_key(j)] for j in jobs if job_key(j) in have] + fresh
+
+
+def resolution_lines(results: list[dict], model: str, main_kl: float) -> list[str]:
+    runs = {run_label(r, main_kl): r for r in results if "stop_at" in r and r["model"] == model}
+    if not runs:
+        return []
+    found = {label: samples_to(r["history"], r["stop_at"]) for label, r in runs.items()}
+    text = ", ".join(f"{label} (lr {r['lr']:g}) {_fmt(found[label], r['history'][-1]['samples'])}"
+                     for label, r in sorted(runs.items()))
+    line = (f"**Evaluated after every round** (64 samples), samples to {next(iter(runs.values()))['stop_at']:.3f}: "
+            f"{text}")
+    if found.get("awm") and found.get("ddpo"):
+        line += f": **AWM needs {found['ddpo'] / found['awm']:.1f}x fewer samples**."
+    elif found.get("awm"):
+        line += " (DDPO never reached it on the grid)."
+    return [line, ""]
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
+    start = time.time()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    jobs = build_jobs(args)
     raw = args.out.with_suffix(".json")
+    done = json.loads(raw.read_text()) if args.reuse and raw.is_file() else []
+    have = {job_key(r) for r in done}
+    todo = [j for j in jobs if job_key(j) not in have]
+    todo.sort(key=lambda j: -j["rounds"] * (2 if j["model"] != "mixture" else 0.1))
+    print(f"{len(todo)} runs to do, {len(jobs) - len(todo)} reused from {raw}", flush=True)
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        fresh = pool.map(run_job, todo, chunksize=1)
+    results = [r for r in done if job_key(r) in {job_key(j) for j in jobs}] + fresh
+    if args.resolve:
+        results += resolution_runs(results, done, args)
     raw.parent.mkdir(parents=True, exist_ok=True)
-    raw.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("grid", "points")} for r in results], indent=1))
+    raw.write_text(json.dumps([{k: v for k, v in r.items() if k != "points"} for r in results]))
     return report(results, args, argv, time.time() - start)
 
 
 def report(results: list[dict], args: argparse.Namespace, argv: list[str] | None, seconds: float) -> str:
     png = args.out.with_suffix(".png")
+    resolution = [r for r in results if "stop_at" in r]
+    results = [r for r in results if "stop_at" not in r]
     digits = [r for r in results if r["model"] != "mixture"]
-    curves_figure(results, png)
+    curves_figure(results, png, args.awm_kl)
+    mixture_figure(results, args.out.with_name(args.out.stem + "-mixture.png"))
     grids_figure(digits, args.out.with_name(args.out.stem + "-samples.png"))
     body = []
     for model, reward in sorted({(r["model"], r["reward"]) for r in digits}):
-        rows, info = reward_table(results, model, reward)
+        rows, info = reward_table(results, model, reward, args.awm_kl)
         base = base_class_fd(model, args.target_class) if reward.startswith("class") else None
-        body += [headline(model, reward, info, base), "", *rows, ""]
+        precise = resolution_lines(resolution, model, args.awm_kl) if reward.startswith("class") else []
+        body += [headline(model, reward, info, base), "", *precise, *rows, ""]
     mixture = [r for r in results if r["model"] == "mixture"]
     if mixture:
+        awm_final = max(r["history"][-1]["eval_reward"] for r in mixture if r["method"] == "awm")
+        level = 0.9 * awm_final
         body += ["**2-D mixture, reward = soft disk on the lightest mode** (energy distance to exact samples of the "
-                 "mixture restricted to the disk; lower is better):", "",
-                 "| method | lr | rounds x 64 | start reward | final reward | share inside | energy to target | "
-                 "train s |", "|---|---|---|---|---|---|---|---|"]
-        for r in mixture:
+                 "mixture restricted to the disk; lower is better). DDPO rises first and then collapses (the "
+                 "best-reward column), so the final and the best evaluation are both shown:", "",
+                 "| method | lr | rounds x 64 | start reward | best reward (at samples) | final reward | "
+                 f"final share inside | final energy to target | samples to {level:.3f} | train s |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(mixture, key=lambda r: (r["method"], r["lr"])):
             h = r["history"]
+            peak = max(h, key=lambda e: e["eval_reward"])
             body.append(f"| {r['method']} | {r['lr']:g} | {r['rounds']} | {h[0]['eval_reward']:.3f} | "
-                        f"{h[-1]['eval_reward']:.3f} | {h[-1]['inside_share']:.3f} | {h[-1]['energy_to_target']:.4f} "
-                        f"| {r['seconds']:.0f} |")
+                        f"{peak['eval_reward']:.3f} ({peak['samples']}) | {h[-1]['eval_reward']:.3f} | "
+                        f"{h[-1]['inside_share']:.3f} | {h[-1]['energy_to_target']:.4f} | "
+                        f"{_fmt(samples_to(h, level), h[-1]['samples'])} | {r['seconds']:.0f} |")
         body.append("")
-    body.append(f"Samples of the final policies: {args.out.stem}-samples.png (16 per run, rows listed in "
+    total = sum(r["seconds"] for r in results + resolution)
+    body.append(f"Runs: {len(results)} grid runs and {len(resolution)} resolution runs, {total / 60:.0f} minutes of "
+                "training in all (one thread per run, two runs in parallel)"
+                + (f"; with --reuse the runs already in {args.out.stem}.json were kept, so the wall time above is only "
+                   "this invocation's; without --reuse the same command re-runs everything." if args.reuse else "."))
+    body.append(f"2-D samples: {args.out.stem}-mixture.png. Samples of the final digits policies: {args.out.stem}-samples.png (16 per run, rows listed in "
                 f"{args.out.stem}-samples.txt). Raw histories: {args.out.stem}.json.")
     table = "\n".join(body)
     write_report(args.out, "Alignment: AWM against a DDPO-style baseline", "align", argv, seconds,

@@ -73,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add("--no_progress", action="store_true")
     if method == "awm":
         add("--train_timesteps", type=int, default=d.train_timesteps, help="Training timesteps K per sample.")
+        add("--skip_last_fraction", type=float, default=d.skip_last_fraction,
+            help="Share of the low-noise end of the sampler grid never trained on (reference: 0.1).")
         add("--weighting", choices=("uniform", "ghuber"), default=d.weighting,
             help="psi(l): the plain MSE (paper equation) or the reference code's ghuber (default).")
         add("--kl_beta", type=float, default=d.kl_beta, help="Weight of the velocity/eps-MSE KL to the reference.")
@@ -103,6 +105,7 @@ def build_config(args: argparse.Namespace):
                   checkpointing_steps=args.checkpointing_steps)
     if args.method == "awm":
         config = AlignConfig(**common, train_timesteps=args.train_timesteps, weighting=args.weighting,
+                             skip_last_fraction=args.skip_last_fraction,
                              kl_beta=args.kl_beta, ema_beta=args.ema_beta)
     else:
         config = AlignConfig(**common, eta=args.eta, clip_range=args.clip_range, ddpo_kl_beta=args.kl_beta)

@@ -52,6 +52,7 @@ class AlignConfig:
     advantage_max: float = 1.0
     # AWM
     train_timesteps: int = 6
+    skip_last_fraction: float = 0.1  # AWM never trains on the last 10% of the grid (reference default)
     weighting: str = "ghuber"
     kl_beta: float = 0.003
     ema_beta: float = 1.0
@@ -75,6 +76,8 @@ class AlignConfig:
         if self.num_inference_steps < 3:
             raise ValueError(f"num_inference_steps must be >= 3 (AWM skips the first step and the last 10%), "
                              f"got {self.num_inference_steps}.")
+        if not 0.0 <= self.skip_last_fraction < 1.0:
+            raise ValueError(f"skip_last_fraction must be in [0, 1), got {self.skip_last_fraction}.")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown AWM weighting {self.weighting!r}; use one of {', '.join(WEIGHTINGS)}.")
         if self.learning_rate <= 0:
@@ -192,7 +195,7 @@ def align_iteration(state: AlignState, problem: AlignProblem, config: AlignConfi
     state.policy.train()
     trained = runtime.train_view(state.policy)
     if config.method == "awm":
-        timesteps = grid[training_timestep_indices(len(grid), config.train_timesteps, g)]
+        timesteps = grid[training_timestep_indices(len(grid), config.train_timesteps, g, config.skip_last_fraction)]
         terms = awm_loss(trained, problem.schedule, problem.prediction_type, x0, labels, advantages.to(x0.device),
                          timesteps, g, config.weighting, state.reference, config.kl_beta, state.anchor,
                          config.ema_beta)

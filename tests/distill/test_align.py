@@ -85,6 +85,7 @@ def test_training_timesteps_skip_the_first_step_and_the_last_tenth():
         idx = training_timestep_indices(10, 6, torch.Generator().manual_seed(seed))
         assert len(idx) == 6 and idx.min() >= 1 and idx.max() <= 8 and (idx.diff() > 0).all()
     assert len(training_timestep_indices(20, 50, torch.Generator())) == 17
+    assert training_timestep_indices(10, 9, torch.Generator(), skip_last_fraction=0.0).tolist() == list(range(1, 10))
     with pytest.raises(ValueError, match="more sampling steps"):
         training_timestep_indices(1, 2, torch.Generator())
 
@@ -204,5 +205,7 @@ def test_bad_config_is_reported():
         AlignConfig(num_inference_steps=2).validate()
     with pytest.raises(ValueError, match="unknown alignment method"):
         AlignConfig(method="grpo").validate()
+    with pytest.raises(ValueError, match="skip_last_fraction"):
+        AlignConfig(skip_last_fraction=1.0).validate()
     with pytest.raises(ValueError, match="eta must be > 0"):
         AlignConfig(method="ddpo", eta=0.0).validate()
