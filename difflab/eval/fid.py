@@ -350,6 +350,21 @@ def _as_stats_or_features(source: Any, network: FeatureNetwork, mode: str, need_
     return stats
 
 
+def check_sources(*sources: Any) -> None:
+    """A clear error for a path or reference name that does not exist, before any network is built."""
+    for source in sources:
+        if not isinstance(source, (str, os.PathLike)):
+            continue
+        if _names_statistics(source):
+            if Path(source).suffix != ".npz":
+                _find_reference(str(source))
+            elif not Path(source).is_file():
+                raise FileNotFoundError(f"statistics file {source} does not exist.")
+        elif not Path(source).exists():
+            raise ImageInputError(f"{source} does not exist; pass an image folder, a zip file, a .npz statistics "
+                                  "file or a reference name.")
+
+
 def _check_stats_match(stats: Stats, network: FeatureNetwork, mode: str) -> None:
     meta = stats.metadata or {}
     if meta.get("mode") and meta["mode"] != mode:
@@ -382,6 +397,7 @@ def compute_fid(a: Any, b: Any, mode: str = "clean", features: str | Callable = 
     to uint8 first. ``cross_check=True`` also computes the distance with scipy's ``sqrtm`` and
     raises if the two differ by more than 1e-6 relative. Returns a :class:`Score` (a float).
     """
+    check_sources(a, b)
     network = network or build_feature_network(mode, features, inception_weights, device)
     kw = dict(batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad, use_cache=use_cache,
               verbose=verbose, num_gen=num_gen, seed=seed, gen_kwargs=gen_kwargs)
@@ -403,6 +419,7 @@ def compute_kid(a: Any, b: Any, mode: str = "clean", features: str | Callable = 
                 num_subsets: int = 100, max_subset_size: int = 1000, kid_seed: int = 0, verbose: bool = True,
                 network: FeatureNetwork | None = None) -> Score:
     """KID (mean over seeded random subsets; the standard deviation is in ``score.details['std']``)."""
+    check_sources(a, b)
     network = network or build_feature_network(mode, features, inception_weights, device)
     kw = dict(batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad, use_cache=use_cache,
               verbose=verbose, num_gen=num_gen, seed=seed, gen_kwargs=gen_kwargs)

@@ -299,6 +299,14 @@ def test_statistics_of_another_dimension_or_mode_are_refused(folders, weights, t
         load_stats("cifar10_clean_train_32")
 
 
+def test_missing_inputs_are_reported_before_the_weights(tmp_path, folders):
+    # a missing folder is the first thing to fix: say so before looking for the Inception weights
+    with pytest.raises(ImageInputError, match="does not exist"):
+        compute_fid(tmp_path / "missing", folders[1], inception_weights=tmp_path / "nope.pt", verbose=False)
+    with pytest.raises(FileNotFoundError, match="no reference statistics named"):
+        compute_kid(folders[0], "no_such_reference", inception_weights=tmp_path / "nope.pt", verbose=False)
+
+
 def test_missing_and_corrupted_weights_say_what_to_do(tmp_path, folders):
     with pytest.raises(WeightsError, match=r"(?s)does not exist.*nvlabs-fi-cdn.*--inception-weights"):
         compute_fid(*folders, inception_weights=tmp_path / "nope.pt", verbose=False)
