@@ -240,6 +240,9 @@ def digits_problem(model: str, reward: Reward, label: int | None = None, eval_sa
     from ..models.digits import NULL_CLASS
 
     pipe = load(model)
+    if not (hasattr(pipe, "unet") and hasattr(pipe, "scheduler")):
+        raise ValueError(f"{model!r} is not a diffusion pipeline (no unet / scheduler); align digits-flow, "
+                         "digits-ddpm or a DigitsPipeline directory.")
     scheduler_config = dict(pipe.scheduler.config)
     scheduler_cls = type(pipe.scheduler)
     schedule = NoiseSchedule.from_config(scheduler_config)

@@ -69,6 +69,7 @@ def test_ddpo_on_digits_ddpm(tmp_path):
 def test_errors_are_messages(tmp_path, capsys):
     for extra, message in [(["--reward", "clas:3"], "unknown reward"), (["--label", "x"], "--label must be a digit"),
                            (["--num_inference_steps", "2"], "num_inference_steps must be >= 3"),
+                           (["--model", "digits-classifier"], "is not a diffusion pipeline"),
                            (["--resume_from_checkpoint", str(tmp_path / "none")], "is not a checkpoint directory")]:
         with pytest.raises(SystemExit) as info:
             _cli("awm", tmp_path / "x", *DIGITS, *extra)
