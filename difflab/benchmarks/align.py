@@ -23,8 +23,9 @@ evaluated reward first reaches 90% of AWM's final evaluated reward at its chosen
 method that never reaches it within its budget shows "> budget". Both methods use the same
 learning-rate grid (in the tables); each is reported at its best learning rate (fewest samples to the
 threshold). Because the grid runs are evaluated every 3 rounds (192 samples), the best AWM and DDPO
-runs of each model are re-run with ``--resolve`` and evaluated after every round (64 samples) until
-they reach the threshold; those are the headline ratios. "awm KL b" rows are AWM with a larger KL
+runs of each model are re-run with ``--resolve`` for three seeds and evaluated after every round (64
+samples) until they reach the threshold; the mean over seeds is the headline ratio (the grid itself
+runs one seed, 0). "awm KL b" rows are AWM with a larger KL
 weight (the FD check).
 
 The 2-D case: the ring of 8 unequal modes (``difflab.models.gmm.unequal_ring``), an MLP fitted to the
@@ -61,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kl_sweep_lr", type=float, default=1e-4)
     parser.add_argument("--kl_sweep_rounds", type=int, default=45)
     parser.add_argument("--mixture_lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3])
+    parser.add_argument("--resolve_seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="Seeds of the --resolve runs.")
     parser.add_argument("--resolve", action="store_true",
                         help="Re-run the best AWM and DDPO runs per model with an evaluation after every round.")
     parser.add_argument("--reuse", action="store_true",
@@ -89,7 +92,8 @@ def run_job(job: dict) -> dict:
     else:
         problem = digits_problem(job["model"], reward, None, eval_samples=256, target_class=job.get("target_class"))
     extra = {"kl_beta": job["kl"]} if job["method"] == "awm" else {}
-    config = AlignConfig(method=job["method"], learning_rate=job["lr"], max_train_steps=job["rounds"], **extra)
+    config = AlignConfig(method=job["method"], learning_rate=job["lr"], max_train_steps=job["rounds"],
+                         seed=job.get("seed", 0), **extra)
     state = build_state(problem, config)
     history = [{"samples": 0, "seconds": 0.0, **problem.evaluate(state.policy, config.num_inference_steps)}]
     start = time.time()
@@ -263,7 +267,7 @@ def grids_figure(results: list[dict], png: Path) -> None:
 
 def job_key(job: dict) -> tuple:
     kl = job["kl"] if job["method"] == "awm" else 0
-    return job["model"], job["method"], job["lr"], job["reward"], job["rounds"], kl, job.get("stop_at")
+    return job["model"], job["method"], job["lr"], job["reward"], job["rounds"], kl, job.get("stop_at"), job.get("seed", 0)
 
 
 def build_jobs(args: argparse.Namespace) -> list[dict]:
@@ -306,8 +310,10 @@ def resolution_runs(results: list[dict], done: list[dict], args: argparse.Namesp
         for label in ("awm", "ddpo"):
             _, best, n, _ = info["best"][label]
             if n is not None:
-                jobs.append({**{k: best[k] for k in ("model", "method", "lr", "reward", "rounds", "kl", "target_class")},
-                             "eval_every": 1, "stop_at": round(info["level"], 6)})
+                for seed in args.resolve_seeds:
+                    jobs.append({**{k: best[k] for k in ("model", "method", "lr", "reward", "rounds", "kl",
+                                                         "target_class")},
+                                 "eval_every": 1, "stop_at": round(info["level"], 6), "seed": seed})
     have = {job_key(r): r for r in done if "stop_at" in r}
     todo = [j for j in jobs if job_key(j) not in have]
     with mp.get_context("spawn").Pool(args.workers) as pool:
@@ -316,17 +322,24 @@ def resolution_runs(results: list[dict], done: list[dict], args: argparse.Namesp
 
 
 def resolution_lines(results: list[dict], model: str, main_kl: float) -> list[str]:
-    runs = {run_label(r, main_kl): r for r in results if "stop_at" in r and r["model"] == model}
+    runs = [r for r in results if "stop_at" in r and r["model"] == model]
     if not runs:
         return []
-    found = {label: samples_to(r["history"], r["stop_at"]) for label, r in runs.items()}
-    text = ", ".join(f"{label} (lr {r['lr']:g}) {_fmt(found[label], r['history'][-1]['samples'])}"
-                     for label, r in sorted(runs.items()))
-    line = (f"**Evaluated after every round** (64 samples), samples to {next(iter(runs.values()))['stop_at']:.3f}: "
-            f"{text}")
-    if found.get("awm") and found.get("ddpo"):
-        line += f": **AWM needs {found['ddpo'] / found['awm']:.1f}x fewer samples**."
-    elif found.get("awm"):
+    found: dict[str, list] = {}
+    for r in sorted(runs, key=lambda r: r.get("seed", 0)):
+        found.setdefault(run_label(r, main_kl), []).append((r, samples_to(r["history"], r["stop_at"])))
+    parts = []
+    for label, items in sorted(found.items()):
+        counts = ", ".join(_fmt(n, r["history"][-1]["samples"]) for r, n in items)
+        parts.append(f"{label} (lr {items[0][0]['lr']:g}) {counts}")
+    line = (f"**Evaluated after every round** (64 samples), samples to {runs[0]['stop_at']:.3f} for seeds "
+            f"{sorted({r.get('seed', 0) for r in runs})}: " + "; ".join(parts))
+    means = {label: [n for _, n in items] for label, items in found.items()}
+    if all(n is not None for n in means.get("awm", [None])) and "ddpo" in means \
+            and all(n is not None for n in means["ddpo"]):
+        awm, ddpo = sum(means["awm"]) / len(means["awm"]), sum(means["ddpo"]) / len(means["ddpo"])
+        line += f". Means: AWM {awm:.0f}, DDPO {ddpo:.0f}: **AWM needs {ddpo / awm:.1f}x fewer samples**."
+    elif "ddpo" not in means:
         line += " (DDPO never reached it on the grid)."
     return [line, ""]
 
