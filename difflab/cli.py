@@ -75,28 +75,28 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_distill(sub: argparse._SubParsersAction) -> None:
-    distill = sub.add_parser("distill", help="train one-step generators (f-distill, DisBack) with accelerate")
-    which = distill.add_subparsers(dest="distill", required=True, metavar="METHOD")
     from .distill import train as distill_train
 
-    for method in distill_train.METHODS:
-        parser = which.add_parser(method, help=f"{method} on a built-in Gaussian mixture (accelerate)",
-                                  description=(distill_train.__doc__ or "").split("\n")[0])
-        distill_train.add_arguments(parser, method)
-        parser.set_defaults(func=lambda args, parser=parser, method=method: distill_train.run(
-            argparse.Namespace(**vars(_own_arguments(args, parser)), method=method)))
+    _add_trainer(sub, "distill", "train one-step generators (f-distill, DisBack) with accelerate", distill_train,
+                 "on a built-in Gaussian mixture (accelerate)")
 
 
 def _add_align(sub: argparse._SubParsersAction) -> None:
-    align = sub.add_parser("align", help="align a model to a reward (AWM, DDPO baseline) with accelerate")
-    which = align.add_subparsers(dest="align", required=True, metavar="METHOD")
     from .distill import align as align_train
 
-    for method in align_train.METHODS:
-        parser = which.add_parser(method, help=f"{method} on a built-in digits model or the 2-D mixture",
-                                  description=(align_train.__doc__ or "").split("\n")[0])
-        align_train.add_arguments(parser, method)
-        parser.set_defaults(func=lambda args, parser=parser, method=method: align_train.run(
+    _add_trainer(sub, "align", "align a model to a reward (AWM, DDPO baseline) with accelerate", align_train,
+                 "on a built-in digits model or the 2-D mixture")
+
+
+def _add_trainer(sub: argparse._SubParsersAction, name: str, help_text: str, module, method_help: str) -> None:
+    """``difflab NAME METHOD ...`` for a trainer module with METHODS, add_arguments(parser, method) and run(args)."""
+    command = sub.add_parser(name, help=help_text)
+    which = command.add_subparsers(dest=name, required=True, metavar="METHOD")
+    for method in module.METHODS:
+        parser = which.add_parser(method, help=f"{method} {method_help}",
+                                  description=(module.__doc__ or "").split("\n")[0])
+        module.add_arguments(parser, method)
+        parser.set_defaults(func=lambda args, parser=parser, method=method: module.run(
             argparse.Namespace(**vars(_own_arguments(args, parser)), method=method)))
 
 

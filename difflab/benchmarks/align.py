@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from .report import bench_main, write_report
+from .report import bench_main, publish
 
 LEARNING_RATES = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]  # the same grid for both methods
 
@@ -403,11 +403,8 @@ def report(results: list[dict], args: argparse.Namespace, argv: list[str] | None
                    "this invocation's; without --reuse the same command re-runs everything." if args.reuse else "."))
     body.append(f"2-D samples: {args.out.stem}-mixture.png. Samples of the final digits policies: {args.out.stem}-samples.png (16 per run, rows listed in "
                 f"{args.out.stem}-samples.txt). Raw histories: {args.out.stem}.json.")
-    table = "\n".join(body)
-    write_report(args.out, "Alignment: AWM against a DDPO-style baseline", "align", argv, seconds,
-                 __doc__.split("\n\n", 1)[1], table + "\n", png.name)
-    print(table)
-    return table
+    return publish(args.out, "Alignment: AWM against a DDPO-style baseline", "align", argv, seconds, __doc__,
+                   "\n".join(body), picture=png.name)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,7 +41,7 @@ from ..models.gmm import GaussianMixture, GMMDenoiser
 from ..samplers import EulerDDIMScheduler, FKCTarget, ParticleSystem, ResamplingPolicy, fkc_sample, superdiff_sample
 from ..samplers.superdiff import ESTIMATORS
 from ..schedule import NoiseSchedule, stochastic_step_coefficients
-from .report import bench_main, write_report
+from .report import bench_main, publish
 
 SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 FKC_CASES = ("product", "anneal2", "anneal3", "cfg3")
@@ -342,10 +342,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
             lines += density_and_superdiff_tables(args, progress)
     table = "\n".join(lines)
     picture = None if args.fkc_only else args.out.with_suffix(".png").name
-    write_report(args.out, "Composition: FKC and SuperDiff on exact Gaussian-mixture targets", "composition", argv,
-                 time.time() - start, __doc__.split("\n\n", 1)[1], table + "\n", picture)
-    print(table)
-    return table
+    return publish(args.out, "Composition: FKC and SuperDiff on exact Gaussian-mixture targets", "composition", argv,
+                   time.time() - start, __doc__, table, picture=picture)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .report import bench_main, write_report
+from .report import bench_main, publish
 
 MODELS = {"digits-ddpm": "dpm++2m", "digits-flow": "flow-euler"}
 
@@ -67,9 +67,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
     table = "\n".join(lines)
     body = f"Noise floor (real vs real, {len(labels)} samples): **{floor:.2f}**.\n\n" + table + "\n\n"
     body += "\n".join(f"{name}, 20 steps, guidance 2 (rows = classes 0-9):\n\n![{name}]({png})\n" for name, png in grids)
-    write_report(args.out, "Built-in digits models", "digits", argv, time.time() - start, __doc__.split("\n\n", 1)[1], body)
-    print(table)
-    return table
+    return publish(args.out, "Built-in digits models", "digits", argv, time.time() - start, __doc__, table, body)
 
 
 def main(argv: list[str] | None = None) -> None:

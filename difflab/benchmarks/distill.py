@@ -33,7 +33,7 @@ from ..eval.energy import energy_distance
 from ..models.gmm import GaussianMixture
 from ..models.gmm import unequal_ring as gmm_unequal_ring
 from ..schedule import NoiseSchedule
-from .report import bench_main, write_report
+from .report import bench_main, publish
 
 SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 MODE_STD = 0.08
@@ -165,11 +165,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
             f"{args.batch_size}, AdamW lr {args.lr_generator:g} (generator) / {args.lr_critic:g} (fake score, head), "
             f"GAN weight {args.gan_weight:g}, head on {args.head_features} features, EMA 0.99, seeds {args.seeds}.\n",
             *header, *lines]
-    table = "\n".join(body)
-    write_report(args.out, "f-distill on a 2-D mixture of 8 unequal modes", "distill", argv, time.time() - start,
-                 __doc__.split("\n\n", 1)[1], table + "\n", png.name)
-    print(table)
-    return table
+    return publish(args.out, "f-distill on a 2-D mixture of 8 unequal modes", "distill", argv, time.time() - start,
+                   __doc__, "\n".join(body), picture=png.name)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..guidance import APG, CFG, AdaptiveGuidance, Guider, LinearAG, attach, detach, fit_linear_ag
-from .report import bench_main, write_report
+from .report import bench_main, publish
 
 
 class DiffusersGuider(Guider):
@@ -195,10 +195,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
     make_grid((picks.clamp(-1, 1) + 1) / 2, nrow=10, labels=grid_labels).save(png)
     body = (f"FD-digits real-vs-real noise floor at {len(labels)} samples: {noise_floor(len(labels)):.2f}.\n\n" + table
             + "\n\nPicture: one row per (scale, method) in the table's order, one digit of each class per row.\n")
-    write_report(args.out, "Guidance on digits-ddpm", "guidance", argv, time.time() - start, __doc__.split("\n\n", 1)[1],
-                 body, png.name)
-    print(table)
-    return table
+    return publish(args.out, "Guidance on digits-ddpm", "guidance", argv, time.time() - start, __doc__, table, body,
+                   png.name)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,6 +25,16 @@ def write_report(out: Path, title: str, script: str, argv: list[str] | None, sec
     print(f"wrote {out}")
 
 
+def publish(out: Path, title: str, script: str, argv: list[str] | None, seconds: float, doc: str, table: str,
+            body: str | None = None, picture: str | None = None) -> str:
+    """Write the report (intro = the module docstring after its first paragraph; body = the table unless
+    given), print the table, and return it: the common tail of the benchmark modules' ``run``."""
+    write_report(out, title, script, argv, seconds, doc.split("\n\n", 1)[1], table + "\n" if body is None else body,
+                 picture)
+    print(table)
+    return table
+
+
 def bench_main(doc: str, add_arguments: Callable, run: Callable, argv: list[str] | None = None) -> None:
     """``main`` of a benchmark module: parse its arguments and run it."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])

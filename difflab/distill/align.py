@@ -280,13 +280,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Entry point of ``python -m difflab.distill.align`` (errors in the flags: a message, exit status 2)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, ArithmeticError) as err:
-        parser.exit(2, f"{parser.prog} {args.method}: error: {err}\n")
-    return None
+    from .loop import trainer_main
+
+    return trainer_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

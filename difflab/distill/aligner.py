@@ -16,9 +16,8 @@ distribution -- the mixture restricted to the reward region -- is known exactly.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -331,15 +330,3 @@ def evaluate_mixture_policy(problem: AlignProblem, mixture, net: nn.Module, step
         target = restricted_mixture_samples(mixture, problem.reward, num_samples)
         out["energy_to_target"] = energy_distance(x0, target)
     return out
-
-
-def config_dict(config: AlignConfig) -> dict:
-    return asdict(config)
-
-
-def samples_to_reach(history: list[dict], key: str, level: float) -> int | None:
-    """Generated samples at the first history entry with ``history[key] >= level`` (None if never)."""
-    for entry in history:
-        if key in entry and entry[key] >= level and math.isfinite(entry[key]):
-            return int(entry["samples"])
-    return None

@@ -102,6 +102,16 @@ def check_finite(stats: dict, step: int) -> None:
                                      "the GAN weight.")
 
 
+def trainer_main(parser, run: Callable, argv: list[str] | None = None):
+    """``main`` of a trainer module: parse, run, and turn a user error into a message and exit status 2."""
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, ArithmeticError) as err:
+        parser.exit(2, f"{parser.prog} {args.method}: error: {err}\n")
+    return None
+
+
 def write_checkpoint(output_dir: str | Path, step: int, payload: dict) -> Path:
     """``output_dir/checkpoint-{step}/state.pt`` written atomically (a temporary file, then a rename)."""
     path = Path(output_dir) / f"checkpoint-{step}"

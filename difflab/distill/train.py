@@ -322,13 +322,9 @@ def _finish(args: argparse.Namespace, output_dir: Path, state, mixture, energy_d
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Entry point of ``python -m difflab.distill.train`` (errors in the flags: a message, exit status 2)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, ArithmeticError) as err:
-        parser.exit(2, f"{parser.prog} {args.method}: error: {err}\n")
-    return None
+    from .loop import trainer_main
+
+    return trainer_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
