@@ -37,8 +37,11 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                         help="digits-ddpm, digits-flow, gmm (2-D mixture scatter plot) or a local DigitsPipeline directory")
     sample.add_argument("--scheduler", default=None,
                         help="difflab or diffusers scheduler name (default: the model's own; see README)")
-    sample.add_argument("--steps", type=int, default=20)
-    sample.add_argument("--guidance-scale", type=float, default=2.0)
+    sample.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (default 20, or the directory's difflab_sampling.json: 1 for a one-step "
+                             "distilled pipeline)")
+    sample.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance (default 2.0, or the directory's difflab_sampling.json)")
     sample.add_argument("--classes", type=int, nargs="+", default=list(range(10)), help="digit classes, one grid row each")
     sample.add_argument("--num-per-class", type=int, default=8)
     sample.add_argument("--seed", type=int, default=0)
@@ -50,9 +53,10 @@ def _sample(args: argparse.Namespace) -> None:
     from . import sampling
 
     if args.model == "gmm":
-        path = sampling.sample_gmm_scatter(args.scheduler or "euler-ddim", args.steps, 2000, args.seed, args.out)
+        path = sampling.sample_gmm_scatter(args.scheduler or "euler-ddim", args.steps or 20, 2000, args.seed, args.out)
     else:
-        path = sampling.sample_digits_grid(args.model, args.scheduler, args.steps, args.guidance_scale, args.classes,
+        steps, guidance = sampling.recommended_settings(args.model, args.steps, args.guidance_scale)
+        path = sampling.sample_digits_grid(args.model, args.scheduler, steps, guidance, args.classes,
                                            args.num_per_class, args.seed, args.out)
     print(f"wrote {path}")
 

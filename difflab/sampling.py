@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -44,6 +45,17 @@ def sample_gmm_scatter(scheduler_name: str, steps: int, num_samples: int, seed: 
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def recommended_settings(model: str, steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
+    """(steps, guidance): the values given, else a pipeline directory's ``difflab_sampling.json`` (written
+    for one-step distilled pipelines), else 20 steps and guidance 2."""
+    saved: dict = {}
+    settings = Path(model) / "difflab_sampling.json"
+    if settings.is_file():
+        saved = json.loads(settings.read_text())
+    return (steps if steps is not None else int(saved.get("num_inference_steps", 20)),
+            guidance_scale if guidance_scale is not None else float(saved.get("guidance_scale", 2.0)))
 
 
 def sample_digits_grid(

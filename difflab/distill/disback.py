@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -174,10 +175,12 @@ class DegradationState:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def initial_student(teacher_net: MLPDenoiser, schedule: NoiseSchedule) -> OneStepGenerator:
+def initial_student(problem: LowDimProblem) -> OneStepGenerator:
     """G^0, the frozen initial student: the teacher network at the largest timestep on pure noise
     (the same initialization as :func:`difflab.distill.lowdim.build_state`)."""
-    return OneStepGenerator(copy.deepcopy(teacher_net), schedule).eval().requires_grad_(False)
+    student = OneStepGenerator(copy.deepcopy(problem.teacher_net), problem.schedule,
+                               prediction_type=problem.prediction_type)
+    return student.eval().requires_grad_(False)
 
 
 def degradation_step(deg: DegradationState, student: OneStepGenerator, problem: LowDimProblem,
@@ -186,12 +189,13 @@ def degradation_step(deg: DegradationState, student: OneStepGenerator, problem: 
     base = config.base
     n = config.degradation_batch_size or base.batch_size
     g = step_generator(base.seed + DEGRADATION_SEED_SALT, deg.step, runtime.rank)
+    z, labels = problem.draw_noise(n, g)
     with torch.no_grad():
-        x0 = student(torch.randn(n, problem.mixture.dim, generator=g))
+        x0 = student(z, labels)
     t = sample_timesteps(n, problem.t_bounds(base), g)
     x_t, eps = noised(problem.schedule, x0, t, g)
-    score = ScoreModel(runtime.train_view(deg.score), deg.score.prediction_type)
-    loss, _ = dsm_loss(score, problem.schedule, x0, x_t, eps, t)
+    score = problem.score(runtime.train_view(deg.score))
+    loss, _ = dsm_loss(score, problem.schedule, x0, x_t, eps, t, class_labels=labels)
     loss.backward()
     if base.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(deg.score.parameters(), base.max_grad_norm)
@@ -242,10 +246,10 @@ class Backtracker:
     Only the current node is in memory: it is loaded from disk into one network at each switch.
     """
 
-    def __init__(self, nodes_dir: str | Path, num_nodes: int, teacher: ScoreModel, template: MLPDenoiser,
-                 config: DisBackConfig):
-        self.nodes_dir, self.num_nodes, self.teacher, self.config = Path(nodes_dir), num_nodes, teacher, config
-        self.net = copy.deepcopy(template).eval().requires_grad_(False)
+    def __init__(self, nodes_dir: str | Path, num_nodes: int, problem: LowDimProblem, config: DisBackConfig):
+        self.nodes_dir, self.num_nodes, self.config = Path(nodes_dir), num_nodes, config
+        self.teacher, self.score = problem.teacher, problem.score
+        self.net = copy.deepcopy(problem.teacher_net).eval().requires_grad_(False)
         self.index, self.steps_at_target, self.losses, self.switches = 1, 0, [], []
         self._load()
 
@@ -261,7 +265,7 @@ class Backtracker:
     @property
     def target(self) -> ScoreModel:
         """The current target score, as the engine's teacher."""
-        return self.teacher if self.at_teacher else ScoreModel(self.net, self.net.prediction_type)
+        return self.teacher if self.at_teacher else self.score(self.net)
 
     def _load(self) -> None:
         if not self.at_teacher:
@@ -346,7 +350,7 @@ def run_degradation(deg: DegradationState, config: DisBackConfig, problem: LowDi
                     stop: int, runtime: Runtime, progress: bool) -> None:
     """Stage 1 up to global step ``min(stop, N * node_interval)``: DSM steps, nodes, checkpoints."""
     nodes_dir = output_dir / "nodes"
-    student = initial_student(problem.teacher_net, problem.schedule)
+    student = initial_student(problem)
     runtime.register(deg.score)
     if deg.step == 0 and runtime.is_main:
         save_node(problem.teacher_net, nodes_dir, 0)  # node 0 = the teacher network itself
@@ -360,13 +364,15 @@ def run_degradation(deg: DegradationState, config: DisBackConfig, problem: LowDi
         if runtime.is_main and deg.step % config.node_interval == 0:
             save_node(deg.score, nodes_dir, deg.step // config.node_interval)
         if config.base.checkpointing_steps and deg.step % config.base.checkpointing_steps == 0 and runtime.is_main:
-            write_checkpoint(output_dir, deg.step, _payload(config, 1, degradation=deg.state_dict()))
+            write_checkpoint(output_dir, deg.step, _payload(config, 1, degradation=deg.state_dict()),
+                             config.base.checkpoints_total_limit)
     bar.close()
     runtime.barrier()
 
 
 def run_backtracking(state: FDistillState, tracker: Backtracker, config: DisBackConfig, problem: LowDimProblem,
-                     output_dir: Path, stop: int, runtime: Runtime, progress: bool, log_every: int) -> None:
+                     output_dir: Path, stop: int, runtime: Runtime, progress: bool, log_every: int,
+                     on_step: Callable[[FDistillState], None] | None = None) -> None:
     """Stage 2 up to global step ``stop``: f-distill / DMD2 iterations against the moving target."""
     base, offset = config.base, config.degradation_steps
     runtime.register(state.generator, state.fake, state.head)
@@ -382,10 +388,13 @@ def run_backtracking(state: FDistillState, tracker: Backtracker, config: DisBack
             state.history.append({"step": state.step, **latest})
         bar.update(1)
         bar.set_postfix(node="teacher" if tracker.at_teacher else tracker.node)
+        if on_step is not None:
+            on_step(state)
         global_step = offset + state.step
         if base.checkpointing_steps and global_step % base.checkpointing_steps == 0 and runtime.is_main:
             write_checkpoint(output_dir, global_step, _payload(config, 2, state=state.state_dict(),
-                                                                backtrack=tracker.state_dict()))
+                                                                backtrack=tracker.state_dict()),
+                             base.checkpoints_total_limit)
     bar.close()
     runtime.barrier()
 
@@ -418,14 +427,24 @@ def train_disback_lowdim(
         log_every: keep stage-2 statistics every this many iterations.
         runtime: processes and DDP wrappers (default: one plain process).
     """
-    runtime = runtime or Runtime()
-    output_dir = Path(output_dir)
     teacher = teacher or exact_teacher(mixture, schedule, teacher_net.prediction_type)
     teacher_net = copy.deepcopy(teacher_net).eval().requires_grad_(False)
     problem = LowDimProblem(mixture, schedule, teacher, teacher_net)
+    return train_disback(config, problem, output_dir, resume_from, stop_after, progress, log_every, runtime)
+
+
+def train_disback(config: DisBackConfig, problem: LowDimProblem, output_dir: str | Path,
+                  resume_from: str | Path | None = None, stop_after: int | None = None, progress: bool = True,
+                  log_every: int = 100, runtime: Runtime | None = None,
+                  on_step: Callable[[FDistillState], None] | None = None) -> DisBackRun:
+    """DisBack on any distillation problem (a :class:`LowDimProblem` or an image problem with the same
+    methods); arguments as in :func:`train_disback_lowdim`; ``on_step(state)`` runs after every stage-2
+    iteration (validation)."""
+    runtime = runtime or Runtime()
+    output_dir = Path(output_dir)
     stop = config.total_steps if stop_after is None else min(stop_after, config.total_steps)
     start, payload = time.perf_counter(), _load_resume(output_dir, resume_from)
-    deg = DegradationState.build(config, teacher_net)
+    deg = DegradationState.build(config, problem.teacher_net)
     if payload is not None:
         deg_state = payload["degradation"] if payload["stage"] == 1 else None
         if deg_state is not None:
@@ -440,7 +459,7 @@ def train_disback_lowdim(
     if payload is not None and payload["stage"] == 2:
         state.load_state_dict(payload["state"])
         tracker.load_state_dict(payload["backtrack"])
-    run_backtracking(state, tracker, config, problem, output_dir, stop, runtime, progress, log_every)
+    run_backtracking(state, tracker, config, problem, output_dir, stop, runtime, progress, log_every, on_step)
     return DisBackRun(output_dir / "nodes", deg, state, tracker, time.perf_counter() - start, state.history)
 
 
@@ -450,7 +469,7 @@ def start_backtracking(config: DisBackConfig, problem: LowDimProblem,
     for k in range(config.num_nodes + 1):
         if not node_path(nodes_dir, k).is_file():
             raise FileNotFoundError(f"DisBack node {k} is missing in {nodes_dir}; stage 1 did not finish.")
-    state = build_state(config.base, problem.schedule, problem.teacher_net)
+    state = build_state(config.base, problem)
     load_node(state.fake, nodes_dir, config.num_nodes)  # the fake score starts at the student end of the path
-    tracker = Backtracker(nodes_dir, config.num_nodes, problem.teacher, problem.teacher_net, config)
+    tracker = Backtracker(nodes_dir, config.num_nodes, problem, config)
     return state, tracker

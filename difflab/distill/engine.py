@@ -32,7 +32,7 @@ from torch import nn
 
 from ..schedule import NoiseSchedule, canonical_prediction_type
 
-FeatureFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+FeatureFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (module, x_t, t, **cond) -> (output, features)
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,9 +102,10 @@ class ScoreModel:
 
     ``module`` is anything called like a diffusers UNet (``module(x_t, t).sample``): a
     :class:`~difflab.models.gmm.GMMDenoiser`, an :class:`~difflab.distill.nets.MLPDenoiser`, a
-    ``UNet2DModel``. Features for a discriminator head come from modules that take
-    ``return_features=True`` (``supports_features``), or from ``feature_fn(module, x_t, t) ->
-    (output, features)``, the hook a UNet teacher plugs in (e.g. mid-block activations).
+    ``UNet2DModel``. ``class_labels`` (when not None) are passed on as the UNet keyword. Features
+    for a discriminator head come from modules that take ``return_features=True``
+    (``supports_features``), or from ``feature_fn(module, x_t, t, **cond) -> (output, features)``,
+    the hook a UNet plugs in (:func:`difflab.distill.digits.unet_mid_features`: mid-block activations).
     """
 
     module: nn.Module
@@ -118,23 +119,24 @@ class ScoreModel:
     def has_features(self) -> bool:
         return self.feature_fn is not None or getattr(self.module, "supports_features", False)
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor,
-                 with_features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, with_features: bool = False,
+                 class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cond = {} if class_labels is None else {"class_labels": class_labels}
         if not with_features:
-            return self.module(x_t, t).sample, None
+            return self.module(x_t, t, **cond).sample, None
         if self.feature_fn is not None:
-            return self.feature_fn(self.module, x_t, t)
+            return self.feature_fn(self.module, x_t, t, **cond)
         if not getattr(self.module, "supports_features", False):
             raise ValueError(f"{type(self.module).__name__} gives no features for a discriminator head; pass "
                              "feature_fn=(module, x_t, t) -> (output, features) to ScoreModel, or put the head on "
                              "a network that has features.")
-        out = self.module(x_t, t, return_features=True)
+        out = self.module(x_t, t, return_features=True, **cond)
         return out.sample, out.features
 
-    def x0(self, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor,
-           with_features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def x0(self, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, with_features: bool = False,
+           class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Data prediction x0_hat(x_t, t) (via NoiseSchedule.to_x0_eps) and the features if asked for."""
-        out, feats = self(x_t, t, with_features)
+        out, feats = self(x_t, t, with_features, class_labels)
         alpha, sigma = schedule.alpha_sigma(t)
         x0, _ = schedule.to_x0_eps(out.float(), x_t.float(), alpha, sigma, self.prediction_type)
         return x0, feats
@@ -160,13 +162,14 @@ def noised(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,
 
 
 def dsm_loss(fake: ScoreModel, schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor,
-             t: torch.Tensor, with_features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+             t: torch.Tensor, with_features: bool = False,
+             class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Denoising score matching of the fake score on generator samples, in its own prediction type.
 
     The target (eps, x0, v or velocity) comes from :meth:`NoiseSchedule.training_target`.
     """
     target = schedule.training_target(x0, eps, t, fake.prediction_type)
-    out, feats = fake(x_t, t, with_features)
+    out, feats = fake(x_t, t, with_features, class_labels)
     return F.mse_loss(out.float(), target.float()), feats
 
 

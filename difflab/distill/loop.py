@@ -16,6 +16,7 @@ sees different samples and a resumed run repeats an uninterrupted one.
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -112,11 +113,17 @@ def trainer_main(parser, run: Callable, argv: list[str] | None = None):
     return None
 
 
-def write_checkpoint(output_dir: str | Path, step: int, payload: dict) -> Path:
-    """``output_dir/checkpoint-{step}/state.pt`` written atomically (a temporary file, then a rename)."""
+def write_checkpoint(output_dir: str | Path, step: int, payload: dict, total_limit: int | None = None) -> Path:
+    """``output_dir/checkpoint-{step}/state.pt`` written atomically (a temporary file, then a rename);
+    with ``total_limit``, older checkpoints beyond the newest ``total_limit`` are then removed."""
     path = Path(output_dir) / f"checkpoint-{step}"
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / "state.pt.tmp"
     torch.save(payload, tmp)
     tmp.replace(path / "state.pt")
+    if total_limit is not None and total_limit >= 1:
+        from .lowdim import checkpoint_dirs
+
+        for old in checkpoint_dirs(output_dir)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
     return path

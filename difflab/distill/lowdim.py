@@ -53,6 +53,10 @@ class FDistillConfig:
     ``max_train_steps`` counts iterations (critic and generator updates together, as FastGen does);
     ``critic_updates`` fake-score / discriminator updates come before each generator update.
     ``t_range`` is the fraction of the largest timestep where t is drawn (DMD2: 0.02 to 0.98).
+    ``generator_timestep`` is the diffusers timestep at which the generator's denoiser sees pure noise
+    (DMD2's conditioning timestep; None: the largest). For an eps model whose alpha at the largest
+    timestep is tiny, x0 = (z - sigma eps) / alpha amplifies every change of eps by 1 / alpha, and a
+    lower conditioning timestep gives a better-conditioned generator.
     """
 
     divergence: str = "js"
@@ -78,6 +82,8 @@ class FDistillConfig:
     max_grad_norm: float = 10.0
     seed: int = 0
     checkpointing_steps: int | None = None
+    checkpoints_total_limit: int | None = None
+    generator_timestep: float | None = None
 
     def __post_init__(self) -> None:
         self.divergence = canonical_divergence(self.divergence)
@@ -126,15 +132,64 @@ class FDistillState:
         torch.set_rng_state(state["torch_rng"])
 
 
-def build_state(config: FDistillConfig, schedule: NoiseSchedule, teacher_net: MLPDenoiser) -> FDistillState:
-    """Generator and fake score copied from ``teacher_net``; a seeded fresh head; optimizers; EMA."""
-    generator = OneStepGenerator(copy.deepcopy(teacher_net), schedule).train()
+# --------------------------------------------------------------------------------------------
+# One iteration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LowDimProblem:
+    """The fixed parts of a run: data, schedule, teacher, and the network whose features the head reads.
+
+    The step functions only use the methods below, so an image problem
+    (:class:`difflab.distill.digits.DigitsDistillProblem`) plugs into the same steps.
+    """
+
+    mixture: GaussianMixture
+    schedule: NoiseSchedule
+    teacher: ScoreModel
+    teacher_net: MLPDenoiser
+
+    @property
+    def prediction_type(self) -> str:
+        return self.teacher_net.prediction_type
+
+    @property
+    def feature_dim(self) -> int:
+        return self.teacher_net.feature_dim
+
+    def t_bounds(self, config: FDistillConfig) -> tuple[float, float]:
+        """The timestep interval of ``config.t_range`` on this schedule."""
+        return config.t_range[0] * self.schedule.t_max, config.t_range[1] * self.schedule.t_max
+
+    def draw_noise(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Generator inputs: (z, class labels or None)."""
+        return torch.randn(n, self.mixture.dim, generator=g), None
+
+    def draw_real(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Real data for the discriminator: (x, class labels or None)."""
+        return self.mixture.sample(n, generator=g).float(), None
+
+    def score(self, module: nn.Module) -> ScoreModel:
+        """A trained denoiser (the fake score) as the engine sees it."""
+        return ScoreModel(module, self.prediction_type)
+
+    def teacher_features(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Features of the frozen teacher network (the ``head_features='teacher'`` option)."""
+        return self.teacher_net(x_t, t, return_features=True).features
+
+
+def build_state(config: FDistillConfig, problem: LowDimProblem) -> FDistillState:
+    """Generator and fake score copied from the problem's teacher network; a seeded fresh head;
+    optimizers; EMA (the DMD2 / f-distill initialization)."""
+    teacher_net = problem.teacher_net
+    generator = OneStepGenerator(copy.deepcopy(teacher_net), problem.schedule, config.generator_timestep,
+                                 prediction_type=problem.prediction_type).train()
     fake = copy.deepcopy(teacher_net).train().requires_grad_(True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        head = DiscriminatorHead(teacher_net.feature_dim, config.head_hidden)
-    t_max = schedule.t_max
-    normalizer = RatioNormalizer((0.0, t_max), config.num_bins, config.ratio_ema)
+        head = DiscriminatorHead(problem.feature_dim, config.head_hidden)
+    normalizer = RatioNormalizer((0.0, problem.schedule.t_max), config.num_bins, config.ratio_ema)
     kw = dict(betas=config.adam_betas, weight_decay=config.weight_decay)
     generator.requires_grad_(True)
     return FDistillState(
@@ -146,49 +201,30 @@ def build_state(config: FDistillConfig, schedule: NoiseSchedule, teacher_net: ML
     )
 
 
-# --------------------------------------------------------------------------------------------
-# One iteration
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LowDimProblem:
-    """The fixed parts of a run: data, schedule, teacher, and the network whose features the head reads."""
-
-    mixture: GaussianMixture
-    schedule: NoiseSchedule
-    teacher: ScoreModel
-    teacher_net: MLPDenoiser
-
-    def t_bounds(self, config: FDistillConfig) -> tuple[float, float]:
-        """The timestep interval of ``config.t_range`` on this schedule."""
-        return config.t_range[0] * self.schedule.t_max, config.t_range[1] * self.schedule.t_max
-
-
 def _features(problem: LowDimProblem, config: FDistillConfig, x_t: torch.Tensor, t: torch.Tensor,
-              fake_features: torch.Tensor | None) -> torch.Tensor:
+              labels: torch.Tensor | None, fake_features: torch.Tensor | None) -> torch.Tensor:
     """Head input: the fake score's features (paper default) or the frozen teacher network's (FastGen)."""
     if config.head_features == "fake":
         return fake_features
-    return problem.teacher_net(x_t, t, return_features=True).features
+    return problem.teacher_features(x_t, t, labels)
 
 
 def critic_step(state: FDistillState, problem: LowDimProblem, config: FDistillConfig, g: torch.Generator) -> dict:
     """Fake-score DSM on generator samples plus the discriminator's logistic loss; steps both."""
-    sched, n = problem.schedule, config.batch_size
-    z = torch.randn(n, problem.mixture.dim, generator=g)
+    sched, n, on_fake = problem.schedule, config.batch_size, config.head_features == "fake"
+    z, labels = problem.draw_noise(n, g)
     with torch.no_grad():
-        x0 = state.generator(z)
+        x0 = state.generator(z, labels)
     t = sample_timesteps(n, problem.t_bounds(config), g)
     x_t, eps = noised(sched, x0, t, g)
-    fake = ScoreModel(state.fake, state.fake.prediction_type)
-    dsm, feats_fake = dsm_loss(fake, sched, x0, x_t, eps, t, with_features=config.head_features == "fake")
-    x_real = problem.mixture.sample(n, generator=g).float()
+    fake = problem.score(state.fake)
+    dsm, feats_fake = dsm_loss(fake, sched, x0, x_t, eps, t, with_features=on_fake, class_labels=labels)
+    x_real, labels_real = problem.draw_real(n, g)
     t_real = sample_timesteps(n, problem.t_bounds(config), g)  # independent t' (gan_use_same_t_noise=False)
     x_t_real, _ = noised(sched, x_real, t_real, g)
-    feats_real = fake(x_t_real, t_real, with_features=True)[1] if config.head_features == "fake" else None
-    logits_fake = state.head(_features(problem, config, x_t, t, feats_fake))
-    logits_real = state.head(_features(problem, config, x_t_real, t_real, feats_real))
+    feats_real = fake(x_t_real, t_real, True, labels_real)[1] if on_fake else None
+    logits_fake = state.head(_features(problem, config, x_t, t, labels, feats_fake))
+    logits_real = state.head(_features(problem, config, x_t_real, t_real, labels_real, feats_real))
     disc = gan_discriminator_loss(logits_fake, logits_real)
     loss = dsm + config.disc_weight * disc
     loss.backward()
@@ -200,16 +236,16 @@ def critic_step(state: FDistillState, problem: LowDimProblem, config: FDistillCo
 def generator_step(state: FDistillState, problem: LowDimProblem, config: FDistillConfig, g: torch.Generator) -> dict:
     """The f-distill generator update (fake score and head frozen), then the EMA update."""
     sched, n = problem.schedule, config.batch_size
-    fake = ScoreModel(state.fake, state.fake.prediction_type)
+    fake = problem.score(state.fake)
     with frozen(state.fake, state.head, problem.teacher_net):
-        z = torch.randn(n, problem.mixture.dim, generator=g)
-        x0 = state.generator(z)
+        z, labels = problem.draw_noise(n, g)
+        x0 = state.generator(z, labels)
         t = sample_timesteps(n, problem.t_bounds(config), g)
         x_t, _ = noised(sched, x0, t, g)
         with torch.no_grad():
-            x0_teacher, _ = problem.teacher.x0(sched, x_t.detach(), t)
-        x0_fake, feats = fake.x0(sched, x_t, t, with_features=config.head_features == "fake")
-        logits = state.head(_features(problem, config, x_t, t, feats))
+            x0_teacher, _ = problem.teacher.x0(sched, x_t.detach(), t, class_labels=labels)
+        x0_fake, feats = fake.x0(sched, x_t, t, with_features=config.head_features == "fake", class_labels=labels)
+        logits = state.head(_features(problem, config, x_t, t, labels, feats))
         h, r = fdistill_weights(logits, t, config.divergence, state.normalizer, config.logit_clamp,
                                 config.ratio_range, config.normalize_h)
         loss, stats = generator_loss(x0, x0_teacher, x0_fake.detach(), logits, h, config.gan_weight)
@@ -250,8 +286,10 @@ def train_iteration(state: FDistillState, problem: LowDimProblem, config: FDisti
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
-    """``checkpoint-N`` directories of ``output_dir``, oldest first."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    """Complete ``checkpoint-N`` directories of ``output_dir`` (with their state.pt), oldest first; one a
+    killed process left without state.pt is skipped."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit() and (p / "state.pt").is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
@@ -325,7 +363,7 @@ def train_fdistill_lowdim(
     teacher = teacher or exact_teacher(mixture, schedule, teacher_net.prediction_type)
     teacher_net = copy.deepcopy(teacher_net).eval().requires_grad_(False)
     problem = LowDimProblem(mixture, schedule, teacher, teacher_net)
-    state = build_state(config, schedule, teacher_net)
+    state = build_state(config, problem)
     ckpt = resolve_checkpoint(output_dir, resume_from)
     if ckpt is not None:
         state.load_state_dict(torch.load(ckpt / "state.pt", weights_only=False)["state"])

@@ -115,9 +115,24 @@ class OneStepGenerator(nn.Module):
         alpha, sigma = schedule.alpha_sigma(self.timestep)
         self.alpha, self.sigma = float(alpha), float(sigma)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """x0 = G(z), shaped like z."""
+    def forward(self, z: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x0 = G(z) (of the given classes, for a class-conditional denoiser), shaped like z."""
         t = torch.full((z.shape[0],), self.timestep, device=z.device)
-        out = self.denoiser(z, t).sample
+        cond = {} if class_labels is None else {"class_labels": class_labels}
+        out = self.denoiser(z, t, **cond).sample
         x0, _ = self.schedule.to_x0_eps(out, z, self.alpha, self.sigma, self.prediction_type)
         return x0
+
+
+def default_generator_timestep(schedule: NoiseSchedule, prediction_type: str) -> float:
+    """The conditioning timestep of a one-step generator made from a denoiser: the largest timestep,
+    except for eps models whose alpha there is below 0.05, where x0 = (z - sigma eps) / alpha would
+    amplify every change of eps more than twentyfold (DDPM's linear betas: alpha = 0.006 at t = 999;
+    SD's scaled-linear betas, alpha = 0.068, where DMD2 conditions at 999, stay there): then the
+    largest timestep with alpha >= 0.15 (digits-ddpm: 610)."""
+    t_max = float(schedule.t_max)
+    if canonical_prediction_type(prediction_type) != "epsilon" or float(schedule.alpha_sigma(t_max)[0]) >= 0.05:
+        return t_max
+    grid = torch.arange(int(t_max), -1, -1, dtype=torch.float64)
+    alphas = schedule.alpha_sigma(grid)[0]
+    return float(grid[alphas >= 0.15][0])

@@ -9,22 +9,30 @@ difflab.distill.train {f-distill,disback} ...`` on several processes. Methods:
 * ``disback``: Zhang et al., ICLR 2025 (arXiv 2408.15991): degradation recording, then backtracking
   along the saved nodes to the teacher (:mod:`difflab.distill.disback`), with f-distill / DMD2 steps.
 
-Data and teacher: the built-in mixture (``--mixture ring8``: the 2-D ring of 8 unequal modes of
-``difflab bench distill``; ``--mixture random``: ``--num_modes`` random modes in ``--dim`` dimensions),
-whose exact denoiser (``GMMDenoiser``) is the teacher score and whose exact samples are the
-discriminator's real data. The student and the fake score start from an MLP teacher network fitted
-to the exact denoiser (``--teacher_steps``; deterministic, so every process and every resumed run
-fits the same one).
+Data and teacher, one of:
+
+* ``--model digits-ddpm`` / ``digits-flow`` / a DigitsPipeline directory: the pipeline's
+  class-conditional UNet is the teacher (CFG ``--guidance_scale``), the train-split digits are the
+  discriminator's real data (:mod:`difflab.distill.digits`). Validation every ``--validation_steps``
+  logs FD-digits and class accuracy of the EMA generator and writes ``validation-N.png``; the result is
+  a one-step DigitsPipeline directory (``difflab sample --model OUTPUT_DIR`` uses one step, no guidance).
+* otherwise the built-in mixture (``--mixture ring8``: the 2-D ring of 8 unequal modes of
+  ``difflab bench distill``; ``--mixture random``: ``--num_modes`` random modes in ``--dim``
+  dimensions), whose exact denoiser (``GMMDenoiser``) is the teacher score and whose exact samples are
+  the discriminator's real data. The student and the fake score start from an MLP teacher network
+  fitted to the exact denoiser (``--teacher_steps``; deterministic, so every process and every resumed
+  run fits the same one).
 
 Conventions of the diffusers ``examples/`` trainers: ``--output_dir``, ``--max_train_steps``,
 ``--checkpointing_steps``, ``--resume_from_checkpoint latest``, ``--seed``, ``--mixed_precision``;
 an ``Accelerator`` whose ``prepare`` wraps the trained networks (gradients all-reduced across
 processes), the f-distill normalizations all-reduced by :func:`~difflab.distill.engine.global_sum`.
-The low-dimensional networks are tiny, so every process runs on the CPU. Checkpoints are written by
-the main process as ``output_dir/checkpoint-{step}/state.pt``; a run resumed from one ends at the
-weights of an uninterrupted run. The result: ``generator.safetensors`` (EMA weights),
-``generator_config.json`` (rebuild with :func:`load_generator`), ``samples.png`` and
-``train_summary.json``.
+Every process runs on the CPU (the networks are small). Checkpoints are written by the main process
+as ``output_dir/checkpoint-{step}/state.pt`` (the newest ``--checkpoints_total_limit`` are kept); a
+run resumed from one ends at the weights of an uninterrupted run. The result of a mixture run:
+``generator.safetensors`` (EMA weights), ``generator_config.json`` (rebuild with
+:func:`load_generator`), ``samples.png`` and ``train_summary.json``; of a digits run: the pipeline
+directory, ``samples.png`` and ``train_summary.json``.
 """
 
 from __future__ import annotations
@@ -43,6 +51,13 @@ METHODS = ("f-distill", "disback")
 MIXTURES = ("ring8", "random")
 SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 DEFAULT_DIVERGENCE = {"f-distill": "js", "disback": "rkl"}
+# Defaults that differ between the two kinds of problem (flags left at None take these).
+PROBLEM_DEFAULTS = {
+    "mixture": dict(max_train_steps=3000, train_batch_size=512, learning_rate=3e-5, critic_learning_rate=1e-3,
+                    ema_decay=0.99),
+    "digits": dict(max_train_steps=6000, train_batch_size=32, learning_rate=3e-5, critic_learning_rate=1e-4,
+                   ema_decay=0.99),
+}
 
 # --------------------------------------------------------------------------------------------
 # Arguments
@@ -54,23 +69,37 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     parser.set_defaults(method=method)
     add = parser.add_argument
     add("--output_dir", required=True, help="Where checkpoints, nodes (DisBack) and the final generator go.")
-    add("--max_train_steps", type=int, default=3000,
-        help="Distillation iterations (critic and generator updates together; DisBack: stage 2).")
-    add("--train_batch_size", type=int, default=512, help="Batch size per process.")
+    add("--model", default=None,
+        help="Teacher pipeline: digits-ddpm, digits-flow or a DigitsPipeline directory (default: a Gaussian "
+             "mixture, see --mixture).")
+    add("--guidance_scale", type=float, default=1.0, help="Classifier-free guidance of a --model teacher (1 = none).")
+    add("--generator_timestep", default="auto",
+        help="Diffusers timestep at which the generator's UNet sees pure noise: a number, 'max', or 'auto' (the "
+             "largest one, except for eps models whose alpha there is below 0.05: the largest timestep with "
+             "alpha >= 0.15; digits-ddpm: 610).")
+    add("--max_train_steps", type=int, default=None,
+        help="Distillation iterations (critic and generator updates together; DisBack: stage 2). Default 3000 "
+             "(mixture) / 6000 (--model).")
+    add("--train_batch_size", type=int, default=None, help="Batch size per process (default 512 / 32 for --model).")
     add("--divergence", default=DEFAULT_DIVERGENCE[method],
         help="f-divergence of the weighting h(r): rkl (DMD2), kl, js, sh, srkl, jeffreys, neyman.")
     add("--critic_updates", type=int, default=4, help="Fake-score / discriminator updates per generator update.")
-    add("--learning_rate", type=float, default=3e-5, help="AdamW learning rate of the generator.")
-    add("--critic_learning_rate", type=float, default=1e-3, help="AdamW learning rate of the fake score and head.")
+    add("--learning_rate", type=float, default=None, help="AdamW learning rate of the generator (default 3e-5).")
+    add("--critic_learning_rate", type=float, default=None,
+        help="AdamW learning rate of the fake score and head (default 1e-3 / 1e-4 for --model).")
     add("--adam_weight_decay", type=float, default=0.01)
     add("--gan_weight", type=float, default=1e-3, help="Weight of the generator's GAN term (must be > 0).")
     add("--head_features", choices=("fake", "teacher"), default="fake",
         help="Discriminator head on the fake score's features (paper) or the frozen teacher network's (FastGen).")
     add("--ratio_ema", type=float, default=0.0, help="EMA rate of the per-time-bin ratio means (0: batch means).")
-    add("--ema_decay", type=float, default=0.99, help="Decay of the generator's EMA (the saved weights).")
+    add("--ema_decay", type=float, default=None, help="Decay of the generator's EMA (the saved weights; 0.99).")
     add("--max_grad_norm", type=float, default=10.0, help="Gradient clipping norm (0 disables).")
     add("--seed", type=int, default=0, help="Seed of every random draw (and of the head's init).")
     add("--checkpointing_steps", type=int, default=500, help="Write a checkpoint every N (global) steps.")
+    add("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    add("--validation_steps", type=int, default=500,
+        help="--model runs: FD-digits, accuracy and a validation-N.png grid of the EMA generator every N iterations.")
+    add("--validation_per_class", type=int, default=50, help="--model runs: samples per class of each validation.")
     add("--resume_from_checkpoint", default=None,
         help="A checkpoint-N directory, or 'latest' for the newest one in --output_dir.")
     add("--mixed_precision", choices=("no",), default="no",
@@ -109,25 +138,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Give flags left at None the defaults of the problem kind (mixture or ``--model``)."""
+    kind = "digits" if args.model is not None else "mixture"
+    for name, value in PROBLEM_DEFAULTS[kind].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def parse_generator_timestep(value: str) -> float | str:
+    """``--generator_timestep``: 'auto', 'max' or a non-negative number."""
+    if value in ("auto", "max"):
+        return value
+    try:
+        t = float(value)
+    except ValueError:
+        raise ValueError(f"--generator_timestep must be 'auto', 'max' or a number, got {value!r}.") from None
+    if t < 0:
+        raise ValueError(f"--generator_timestep must be >= 0, got {t}.")
+    return t
+
+
 def build_config(args: argparse.Namespace):
     """FDistillConfig (f-distill) or DisBackConfig (disback) from the flags; ValueError on bad values."""
     from .disback import DisBackConfig
     from .lowdim import FDistillConfig
 
+    fill_defaults(args)
     for name in ("max_train_steps", "train_batch_size", "checkpointing_steps", "teacher_steps", "num_samples",
-                 "log_every"):
+                 "log_every", "validation_steps", "validation_per_class"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"--ema_decay must be in [0, 1), got {args.ema_decay}.")
     if args.mixture == "ring8" and args.dim != 2:
         raise ValueError(f"--mixture ring8 is 2-D; use --mixture random for --dim {args.dim}.")
+    if args.model is None and args.guidance_scale != 1.0:
+        raise ValueError("--guidance_scale applies to a --model teacher; the mixture teacher is the exact score.")
+    parse_generator_timestep(args.generator_timestep)
     base = FDistillConfig(
         divergence=args.divergence, max_train_steps=args.max_train_steps, batch_size=args.train_batch_size,
         critic_updates=args.critic_updates, lr_generator=args.learning_rate, lr_fake=args.critic_learning_rate,
         lr_head=args.critic_learning_rate, weight_decay=args.adam_weight_decay, gan_weight=args.gan_weight,
         head_features=args.head_features, ratio_ema=args.ratio_ema, ema_decay=args.ema_decay,
-        max_grad_norm=args.max_grad_norm, seed=args.seed, checkpointing_steps=args.checkpointing_steps)
+        max_grad_norm=args.max_grad_norm, seed=args.seed, checkpointing_steps=args.checkpointing_steps,
+        checkpoints_total_limit=args.checkpoints_total_limit)
     if base.gan_weight <= 0:
         raise ValueError(f"--gan_weight must be > 0 (f-distill's density ratio comes from the discriminator), "
                          f"got {base.gan_weight}.")
@@ -137,6 +193,23 @@ def build_config(args: argparse.Namespace):
                          degradation_lr=args.degradation_learning_rate, backtrack_interval=args.backtrack_interval,
                          switch=args.switch, plateau_window=args.plateau_window, plateau_tol=args.plateau_tol,
                          min_node_steps=args.min_node_steps)
+
+
+def set_generator_timestep(config, args: argparse.Namespace, problem) -> float:
+    """Resolve ``--generator_timestep`` on the problem's schedule and store it in the (base) config."""
+    from .nets import default_generator_timestep
+
+    value = parse_generator_timestep(args.generator_timestep)
+    t_max = float(problem.schedule.t_max)
+    if value == "auto":
+        value = default_generator_timestep(problem.schedule, problem.prediction_type)
+    elif value == "max":
+        value = t_max
+    if value > t_max:
+        raise ValueError(f"--generator_timestep {value} is beyond the teacher's largest timestep {t_max}.")
+    base = getattr(config, "base", config)
+    base.generator_timestep = float(value)
+    return base.generator_timestep
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,12 +295,13 @@ def scatter_png(samples: torch.Tensor, reference: torch.Tensor, png: Path, title
 # --------------------------------------------------------------------------------------------
 
 
-def _train_fdistill(config, problem, output_dir: Path, resume, stop: int, runtime, progress: bool, log_every: int):
+def _train_fdistill(config, problem, output_dir: Path, resume, stop: int, runtime, progress: bool, log_every: int,
+                    on_step=None):
     """The f-distill loop under a Runtime; returns the final FDistillState."""
     from .loop import fdistill_iteration, write_checkpoint
     from .lowdim import build_state
 
-    state = build_state(config, problem.schedule, problem.teacher_net)
+    state = build_state(config, problem)
     if resume is not None:
         payload = torch.load(resume / "state.pt", map_location="cpu", weights_only=False)
         if payload.get("method", "f-distill") != "f-distill":
@@ -243,24 +317,61 @@ def _train_fdistill(config, problem, output_dir: Path, resume, stop: int, runtim
             state.history.append({"step": state.step, **latest})
         bar.update(1)
         bar.set_postfix(dsm=f"{latest.get('dsm_loss', float('nan')):.3f}", disc=f"{latest.get('disc_loss', float('nan')):.3f}")
+        if on_step is not None:
+            on_step(state)
         if state.step % config.checkpointing_steps == 0 and runtime.is_main:
             write_checkpoint(output_dir, state.step, {"method": "f-distill", "config": asdict(config),
-                                                      "state": state.state_dict()})
+                                                      "state": state.state_dict()}, config.checkpoints_total_limit)
         if state.step % config.checkpointing_steps == 0:
             runtime.barrier()
     bar.close()
     return state
 
 
+def build_problem(args: argparse.Namespace, progress: bool):
+    """(problem, mixture or None): the digits problem of ``--model``, or the mixture with its fitted MLP teacher."""
+    from ..schedule import NoiseSchedule
+    from .lowdim import LowDimProblem, exact_teacher, fit_mlp_teacher
+
+    if args.model is not None:
+        from .digits import digits_distill_problem
+
+        return digits_distill_problem(args.model, args.guidance_scale), None
+    mixture, schedule = build_mixture(args), NoiseSchedule.from_config(SCHEDULE)
+    teacher_net = fit_mlp_teacher(mixture, schedule, "epsilon", steps=args.teacher_steps, hidden=args.teacher_hidden,
+                                  depth=args.teacher_depth, seed=args.seed, progress=progress)
+    teacher_net.requires_grad_(False)
+    return LowDimProblem(mixture, schedule, exact_teacher(mixture, schedule), teacher_net), mixture
+
+
+def digits_validator(args: argparse.Namespace, problem, output_dir: Path, runtime):
+    """``on_step(state)``: every ``--validation_steps`` iterations (main process), FD-digits and accuracy of
+    the EMA generator into ``state.history`` and a ``validation-N.png`` grid."""
+    from ..models.digits import make_grid
+    from .digits import evaluate_student, student_samples
+
+    def on_step(state) -> None:
+        if state.step % args.validation_steps or not runtime.is_main:
+            return
+        score = evaluate_student(state.ema.model, problem, args.validation_per_class, seed=args.seed + 1)
+        state.history.append({"step": state.step, "validation": True, "fd_digits": score["fd_digits"],
+                              "accuracy": score["accuracy"]})
+        images, _ = student_samples(state.ema.model, problem, 8, seed=args.seed + 1)
+        make_grid((images.clamp(-1, 1) + 1) / 2, nrow=8, labels=[str(c) for c in range(10)]).save(
+            output_dir / f"validation-{state.step}.png")
+        tqdm.write(f"step {state.step}: FD-digits {score['fd_digits']:.1f} (floor {score['noise_floor']:.1f}), "
+                   f"accuracy {score['accuracy']:.3f}")
+
+    return on_step
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train with parsed ``args`` (see :func:`add_arguments`); returns a summary dict."""
     from accelerate import Accelerator
 
-    from ..eval.energy import energy_distance
-    from ..schedule import NoiseSchedule
-    from .disback import train_disback_lowdim
+    from .disback import train_disback
     from .loop import Runtime
-    from .lowdim import LowDimProblem, exact_teacher, fit_mlp_teacher, resolve_checkpoint
+    from .lowdim import resolve_checkpoint
 
     config = build_config(args)
     output_dir = Path(args.output_dir)
@@ -274,38 +385,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         accelerator.print(f"Resuming from {resume}")
     elif args.resume_from_checkpoint is not None:
         accelerator.print(f"No checkpoint found in {output_dir}; starting a new run.")
-    mixture, schedule = build_mixture(args), NoiseSchedule.from_config(SCHEDULE)
-    teacher_net = fit_mlp_teacher(mixture, schedule, "epsilon", steps=args.teacher_steps, hidden=args.teacher_hidden,
-                                  depth=args.teacher_depth, seed=args.seed, progress=progress and runtime.is_main)
-    teacher_net.requires_grad_(False)
+    problem, mixture = build_problem(args, progress and runtime.is_main)
+    generator_timestep = set_generator_timestep(config, args, problem)
+    on_step = digits_validator(args, problem, output_dir, runtime) if mixture is None else None
     start = time.perf_counter()
     if args.method == "f-distill":
         stop = min(config.max_train_steps, args.stop_after_steps or config.max_train_steps)
-        problem = LowDimProblem(mixture, schedule, exact_teacher(mixture, schedule), teacher_net)
-        state = _train_fdistill(config, problem, output_dir, resume, stop, runtime, progress, args.log_every)
+        state = _train_fdistill(config, problem, output_dir, resume, stop, runtime, progress, args.log_every, on_step)
         done, extra = state.step >= config.max_train_steps, {}
     else:
-        result = train_disback_lowdim(config, mixture, schedule, teacher_net, output_dir, resume_from=resume,
-                                      stop_after=args.stop_after_steps, progress=progress, log_every=args.log_every,
-                                      runtime=runtime)
+        result = train_disback(config, problem, output_dir, resume_from=resume, stop_after=args.stop_after_steps,
+                               progress=progress, log_every=args.log_every, runtime=runtime, on_step=on_step)
         state = result.state
         done = state is not None and state.step >= config.base.max_train_steps
         extra = {"degradation_steps": result.degradation.step, "nodes_dir": str(result.nodes_dir),
                  "switches": [] if result.backtracker is None else result.backtracker.switches}
     seconds = time.perf_counter() - start
     summary = {"method": args.method, "divergence": args.divergence, "steps": 0 if state is None else state.step,
-               "finished": done, "train_seconds": seconds, "num_processes": accelerator.num_processes, **extra}
+               "finished": done, "train_seconds": seconds, "num_processes": accelerator.num_processes,
+               "generator_timestep": generator_timestep, **extra}
     accelerator.wait_for_everyone()
     if done and runtime.is_main:
-        summary.update(_finish(args, output_dir, state, mixture, energy_distance))
+        finish = _finish_mixture(args, output_dir, state, mixture) if mixture is not None else \
+            _finish_digits(args, output_dir, state, problem)
+        summary.update(finish)
         with open(output_dir / "train_summary.json", "w") as f:
             json.dump({**summary, "history": state.history, "args": vars(args)}, f, indent=1, default=str)
     accelerator.end_training()
     return summary
 
 
-def _finish(args: argparse.Namespace, output_dir: Path, state, mixture, energy_distance) -> dict:
+def _finish_mixture(args: argparse.Namespace, output_dir: Path, state, mixture) -> dict:
     """Save the EMA generator, plot its samples, measure the energy distance to exact samples."""
+    from ..eval.energy import energy_distance
+
     ema = state.ema.model.eval()
     save_result(output_dir, ema, args, mixture)
     with torch.no_grad():
@@ -318,6 +431,22 @@ def _finish(args: argparse.Namespace, output_dir: Path, state, mixture, energy_d
     print(f"wrote {output_dir / 'generator.safetensors'} and {output_dir / 'samples.png'}; energy distance to exact "
           f"samples {energy:.4f}")
     return {"energy_distance": energy}
+
+
+def _finish_digits(args: argparse.Namespace, output_dir: Path, state, problem) -> dict:
+    """Save the EMA generator as a one-step DigitsPipeline directory with a sample grid and its FD-digits."""
+    from ..models.digits import make_grid
+    from .digits import evaluate_student, save_one_step_pipeline, student_samples
+
+    ema = state.ema.model.eval()
+    score = evaluate_student(ema, problem, args.validation_per_class, seed=args.seed + 1)
+    save_one_step_pipeline(ema, problem, output_dir, {"teacher": args.model, "method": args.method,
+                                                       "divergence": args.divergence})
+    images, _ = student_samples(ema, problem, 8, seed=args.seed + 1)
+    make_grid((images.clamp(-1, 1) + 1) / 2, nrow=8, labels=[str(c) for c in range(10)]).save(output_dir / "samples.png")
+    print(f"wrote the one-step pipeline {output_dir} and {output_dir / 'samples.png'}; FD-digits "
+          f"{score['fd_digits']:.1f} (noise floor {score['noise_floor']:.1f}), accuracy {score['accuracy']:.3f}")
+    return {"fd_digits": score["fd_digits"], "accuracy": score["accuracy"], "noise_floor": score["noise_floor"]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:

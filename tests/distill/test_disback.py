@@ -42,6 +42,10 @@ def finished(mixture, teacher_net, tmp_path_factory):
     return train_disback_lowdim(_config(), mixture, SCHEDULE, teacher_net, out, progress=False), out
 
 
+def _problem(mixture, teacher_net):
+    return LowDimProblem(mixture, SCHEDULE, exact_teacher(mixture, SCHEDULE), teacher_net)
+
+
 def _flat(*modules):
     return torch.cat([p.detach().reshape(-1) for m in modules for p in m.parameters()])
 
@@ -51,7 +55,7 @@ def test_stage1_writes_nodes_from_teacher_toward_student(finished, teacher_net, 
     assert sorted(p.name for p in (out / "nodes").iterdir()) == [f"node-00{k}.pt" for k in range(4)]
     node0 = torch.load(node_path(out / "nodes", 0), weights_only=True)
     assert all(torch.equal(node0[k], v) for k, v in teacher_net.state_dict().items())
-    student = initial_student(teacher_net, SCHEDULE)
+    student = initial_student(_problem(mixture, teacher_net))
     losses = node_dsm_losses(out / "nodes", 3, teacher_net, student, SCHEDULE, (20.0, 980.0), n=2048)
     assert losses[-1] < 0.9 * losses[0], losses
     assert all(b <= a * 1.02 for a, b in zip(losses, losses[1:])), losses  # falls along the path
@@ -61,7 +65,7 @@ def test_stage1_writes_nodes_from_teacher_toward_student(finished, teacher_net, 
 def test_stage2_starts_at_node_n_and_ends_at_the_teacher(finished, mixture, teacher_net):
     run, out = finished
     config = _config()
-    problem = LowDimProblem(mixture, SCHEDULE, exact_teacher(mixture, SCHEDULE), teacher_net)
+    problem = _problem(mixture, teacher_net)
     state, tracker = start_backtracking(config, problem, out / "nodes")
     node_n = load_node(type(teacher_net)(2, 48, 2), out / "nodes", 3)
     assert torch.equal(_flat(state.fake), _flat(node_n))  # fake score = node N
@@ -72,7 +76,7 @@ def test_stage2_starts_at_node_n_and_ends_at_the_teacher(finished, mixture, teac
     assert [s["node"] for s in run.backtracker.switches] == [1, None]
     assert [s["iteration"] for s in run.backtracker.switches] == [3, 6]
     assert run.state.step == 12 and torch.isfinite(_flat(run.state.generator)).all()
-    assert not torch.equal(_flat(run.state.generator), _flat(initial_student(teacher_net, SCHEDULE)))
+    assert not torch.equal(_flat(run.state.generator), _flat(initial_student(_problem(mixture, teacher_net))))
 
 
 def test_strict_load_rejects_mismatched_keys(teacher_net, tmp_path):
@@ -96,7 +100,7 @@ def test_strict_load_rejects_mismatched_keys(teacher_net, tmp_path):
 def test_plateau_switch_rule(finished, teacher_net, mixture):
     _, out = finished
     config = _config(switch="plateau", plateau_window=3, plateau_tol=0.05, min_node_steps=4, backtrack_interval=100)
-    tracker = Backtracker(out / "nodes", 3, exact_teacher(mixture, SCHEDULE), teacher_net, config)
+    tracker = Backtracker(out / "nodes", 3, _problem(mixture, teacher_net), config)
     falling = [{"dsm_loss": 1.0 - 0.1 * i} for i in range(8)]
     assert not any(tracker.update(s, i) for i, s in enumerate(falling))  # still improving: stay
     flat = [{"dsm_loss": 0.3}, {}, {"dsm_loss": 0.3}, {"dsm_loss": 0.3}, {"dsm_loss": 0.3}, {"dsm_loss": 0.3}]

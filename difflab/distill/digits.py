@@ -1,0 +1,207 @@
+"""One-step distillation of the built-in digits models (and any DigitsPipeline directory).
+
+The pieces of :mod:`difflab.distill.lowdim` (f-distill steps, EMA, checkpoints) and of
+:mod:`difflab.distill.disback` run unchanged on :class:`DigitsDistillProblem`, which supplies what is
+image-specific:
+
+* the teacher is the pipeline's class-conditional ``UNet2DModel`` (eps, v or flow velocity), with
+  optional classifier-free guidance on its output (:class:`GuidedDenoiser`, Ho & Salimans 2022 eq. 6);
+* the generator is a copy of the UNet at the largest timestep on pure noise, conditioned on a class
+  drawn uniformly from 0..9 (DMD2 / f-distill initialization);
+* the fake score (a second copy) and the teacher see the same class labels as the generator;
+* the discriminator head reads the UNet's mid-block activations (the bottleneck, 64 x 4 x 4 for the
+  built-in UNet: the "resolution 8 / 4" heads of the f-distill paper's Table 5), through
+  :func:`unet_mid_features`; real data are the train-split digits with their labels.
+
+:func:`one_step_pipeline` turns a generator into a :class:`~difflab.models.digits.DigitsPipeline`
+whose scheduler makes exactly one step from pure noise to G(z) (DDIM with trailing spacing and
+``set_alpha_to_one`` for VP models, FlowMatch Euler for flow models), so ``difflab sample --model DIR``
+and :mod:`difflab.eval` use the result like any other digits pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..schedule import NoiseSchedule
+from .engine import ScoreModel
+from .lowdim import FDistillConfig
+from .nets import OneStepGenerator
+
+SAMPLING_FILE = "difflab_sampling.json"  # recommended call settings of a saved pipeline (read by `difflab sample`)
+
+
+def _inner(module: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel / GuidedDenoiser wrapper (itself otherwise)."""
+    while hasattr(module, "module") and isinstance(module.module, nn.Module):
+        module = module.module
+    return module
+
+
+def unet_mid_features(module: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
+                      **cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(UNet output, flattened mid-block activations) of one call: the discriminator head's input."""
+    captured: dict[str, torch.Tensor] = {}
+    handle = _inner(module).mid_block.register_forward_hook(lambda _m, _i, out: captured.__setitem__("h", out))
+    try:
+        out = module(x_t, t, **cond).sample
+    finally:
+        handle.remove()
+    return out, captured["h"].flatten(1)
+
+
+class GuidedDenoiser(nn.Module):
+    """A class-conditional UNet with classifier-free guidance on its raw output (one batched call):
+    ``uncond + w (cond - uncond)`` with the null class as the unconditional label."""
+
+    def __init__(self, unet: nn.Module, guidance_scale: float, null_class: int):
+        super().__init__()
+        self.module, self.guidance_scale, self.null_class = unet, float(guidance_scale), int(null_class)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor, **kw: Any):
+        null = torch.full_like(class_labels, self.null_class)
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
+        t = t.expand(len(sample)) if t.numel() == 1 else t
+        out = self.module(torch.cat([sample, sample]), torch.cat([t, t]), class_labels=torch.cat([class_labels, null]))
+        cond, uncond = out.sample.chunk(2)
+        return type(out)(sample=uncond + self.guidance_scale * (cond - uncond))
+
+
+@dataclass
+class DigitsDistillProblem:
+    """The fixed parts of a digits distillation run (the methods the f-distill / DisBack steps call)."""
+
+    schedule: NoiseSchedule
+    teacher: ScoreModel
+    teacher_net: nn.Module
+    prediction_type: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    scheduler_config: dict
+    num_classes: int = 10
+
+    @property
+    def feature_dim(self) -> int:
+        cfg = self.teacher_net.config
+        size = cfg.sample_size // 2 ** (len(cfg.block_out_channels) - 1)
+        return cfg.block_out_channels[-1] * size * size
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def t_bounds(self, config: FDistillConfig) -> tuple[float, float]:
+        return config.t_range[0] * self.schedule.t_max, config.t_range[1] * self.schedule.t_max
+
+    def draw_noise(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generator inputs: pure noise and classes drawn uniformly from 0..num_classes-1."""
+        z = torch.randn(n, *self.sample_shape, generator=g)
+        return z, torch.randint(0, self.num_classes, (n,), generator=g)
+
+    def draw_real(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of real train-split digits (with replacement) and their labels."""
+        idx = torch.randint(0, len(self.images), (n,), generator=g)
+        return self.images[idx], self.labels[idx]
+
+    def score(self, module: nn.Module) -> ScoreModel:
+        return ScoreModel(module, self.prediction_type, feature_fn=unet_mid_features)
+
+    def teacher_features(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return unet_mid_features(self.teacher_net, x_t, t, class_labels=labels)[1]
+
+
+def digits_distill_problem(model: str = "digits-ddpm", guidance_scale: float = 1.0) -> DigitsDistillProblem:
+    """The problem of a built-in digits model name or a DigitsPipeline directory, teacher CFG ``guidance_scale``."""
+    from ..models import load
+    from ..models.digits import NULL_CLASS, load_digits_dataset
+
+    pipe = load(model)
+    unet = getattr(pipe, "unet", None)
+    if unet is None or not hasattr(unet, "mid_block") or not getattr(unet.config, "num_class_embeds", None):
+        raise ValueError(f"{model!r} is not a class-conditional digits pipeline (a UNet2DModel with class "
+                         "embeddings); distil digits-ddpm, digits-flow or a DigitsPipeline directory.")
+    if guidance_scale < 1.0:
+        raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}.")
+    scheduler_config = dict(pipe.scheduler.config)
+    schedule = NoiseSchedule.from_config(scheduler_config)
+    prediction_type = "flow_prediction" if schedule.kind == "flow" else scheduler_config.get("prediction_type",
+                                                                                             "epsilon")
+    unet = unet.float().eval().requires_grad_(False)
+    teacher_module = unet if guidance_scale == 1.0 else GuidedDenoiser(unet, guidance_scale, NULL_CLASS)
+    images, labels = load_digits_dataset("train")
+    return DigitsDistillProblem(schedule, ScoreModel(teacher_module, prediction_type), unet, prediction_type,
+                                images, labels, scheduler_config)
+
+
+# --------------------------------------------------------------------------------------------
+# The one-step pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def one_step_scheduler(problem: DigitsDistillProblem, timestep: float):
+    """A diffusers scheduler whose single step calls the UNet at ``timestep`` on pure noise and returns
+    its x0 prediction: G(z) of a generator conditioned at ``timestep``.
+
+    VP models: DDIM with ``timestep_spacing='leading'`` and ``steps_offset=timestep`` (one step runs at
+    exactly that timestep), ``set_alpha_to_one`` (the step lands on alpha = 1, i.e. x0) and no clipping.
+    Flow models (generator at t_max): FlowMatch Euler, whose one step from sigma 1 to 0 is z - v = x0.
+    """
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    cfg = problem.scheduler_config
+    if problem.schedule.kind == "flow":
+        if timestep != float(problem.schedule.t_max):
+            raise ValueError(f"a one-step flow pipeline needs the generator at the largest timestep "
+                             f"{problem.schedule.t_max}, got {timestep}.")
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.get("num_train_timesteps", 1000), shift=1.0)
+    if float(timestep) != int(timestep):
+        raise ValueError(f"a one-step VP pipeline needs an integer generator timestep, got {timestep}.")
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+    return DDIMScheduler(**{k: cfg[k] for k in keys if k in cfg}, clip_sample=False, set_alpha_to_one=True,
+                         timestep_spacing="leading", steps_offset=int(timestep))
+
+
+def one_step_pipeline(generator: OneStepGenerator, problem: DigitsDistillProblem):
+    """A DigitsPipeline of the generator's UNet that reproduces ``generator(z, labels)`` with
+    ``num_inference_steps=1, guidance_scale=1``."""
+    from ..models.digits import DigitsPipeline
+
+    return DigitsPipeline(unet=_inner(generator.denoiser), scheduler=one_step_scheduler(problem, generator.timestep))
+
+
+def save_one_step_pipeline(generator: OneStepGenerator, problem: DigitsDistillProblem, output_dir: str | Path,
+                           extra: dict | None = None) -> Path:
+    """Save the one-step pipeline and its call settings (one step, no guidance) to ``output_dir``."""
+    output_dir = Path(output_dir)
+    one_step_pipeline(generator, problem).save_pretrained(output_dir)
+    settings = {"num_inference_steps": 1, "guidance_scale": 1.0, **(extra or {})}
+    (output_dir / SAMPLING_FILE).write_text(json.dumps(settings, indent=1) + "\n")
+    return output_dir
+
+
+@torch.no_grad()
+def student_samples(generator: OneStepGenerator, problem: DigitsDistillProblem, per_class: int = 50,
+                    seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images in model space, labels): ``per_class`` one-step samples of every class, fixed noise."""
+    labels = torch.arange(problem.num_classes).repeat_interleave(per_class)
+    z = torch.randn(len(labels), *problem.sample_shape, generator=torch.Generator().manual_seed(seed))
+    was_training = generator.training
+    generator.eval()
+    images = torch.cat([generator(zc, lc) for zc, lc in zip(z.split(250), labels.split(250))])
+    generator.train(was_training)
+    return images, labels
+
+
+def evaluate_student(generator: OneStepGenerator, problem: DigitsDistillProblem, per_class: int = 50,
+                     seed: int = 1234) -> dict:
+    """FD-digits (against the held-out digits), class accuracy and the noise floor of one-step samples."""
+    from ..eval.digits import evaluate_digits
+
+    images, labels = student_samples(generator, problem, per_class, seed)
+    return evaluate_digits(images, labels).as_dict()

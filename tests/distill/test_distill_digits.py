@@ -1,0 +1,134 @@
+"""One-step distillation of the built-in digits models: problem, generator, pipeline, trainer."""
+
+import json
+
+import pytest
+import torch
+
+from difflab.distill.digits import (
+    GuidedDenoiser,
+    digits_distill_problem,
+    one_step_pipeline,
+    unet_mid_features,
+)
+from difflab.distill.lowdim import FDistillConfig, build_state, train_iteration
+from difflab.distill.nets import OneStepGenerator, default_generator_timestep
+from difflab.models import load
+from difflab.models.digits import NULL_CLASS
+from difflab.sampling import recommended_settings
+from difflab.schedule import NoiseSchedule
+
+
+@pytest.fixture(scope="module")
+def ddpm():
+    return digits_distill_problem("digits-ddpm")
+
+
+def _flat(module):
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def test_generator_timestep_rule(ddpm):
+    flow = digits_distill_problem("digits-flow")
+    assert default_generator_timestep(ddpm.schedule, "epsilon") == 610.0  # alpha(999) = 0.006 -> alpha >= 0.15
+    assert float(ddpm.schedule.alpha_sigma(610.0)[0]) >= 0.15 > float(ddpm.schedule.alpha_sigma(611.0)[0])
+    assert default_generator_timestep(ddpm.schedule, "v_prediction") == 999.0
+    assert default_generator_timestep(flow.schedule, flow.prediction_type) == 1000.0
+    sd = NoiseSchedule.from_config(dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        num_train_timesteps=1000))
+    assert default_generator_timestep(sd, "epsilon") == 999.0  # alpha 0.068: DMD2's choice stays
+
+
+@pytest.mark.parametrize("model", ["digits-ddpm", "digits-flow"])
+def test_one_step_pipeline_reproduces_the_generator(model):
+    problem = digits_distill_problem(model)
+    t = default_generator_timestep(problem.schedule, problem.prediction_type)
+    generator = OneStepGenerator(problem.teacher_net, problem.schedule, t, problem.prediction_type)
+    pipe = one_step_pipeline(generator, problem)
+    z = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(6)
+    images = pipe(class_labels=labels, num_inference_steps=1, latents=z, output_type="latent").images
+    assert pipe.scheduler.timesteps.tolist() == [t]
+    torch.testing.assert_close(images, generator(z, labels), atol=1e-5, rtol=0)
+
+
+def test_features_and_guided_teacher(ddpm):
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    t, labels = torch.full((3,), 400.0), torch.tensor([1, 4, 7])
+    out, feats = unet_mid_features(ddpm.teacher_net, x, t, class_labels=labels)
+    assert feats.shape == (3, ddpm.feature_dim) == (3, 64 * 4 * 4)
+    torch.testing.assert_close(out, ddpm.teacher_net(x, t, class_labels=labels).sample)
+    guided = GuidedDenoiser(ddpm.teacher_net, 3.0, NULL_CLASS)(x, t, class_labels=labels).sample
+    cond = ddpm.teacher_net(x, t, class_labels=labels).sample
+    uncond = ddpm.teacher_net(x, t, class_labels=torch.full_like(labels, NULL_CLASS)).sample
+    torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        digits_distill_problem("digits-ddpm", guidance_scale=0.5)
+    with pytest.raises(ValueError, match="class-conditional digits pipeline"):
+        digits_distill_problem("digits-classifier")
+
+
+def test_fdistill_iterations_train_the_class_conditional_generator(ddpm):
+    config = FDistillConfig(batch_size=4, critic_updates=1, max_train_steps=4, lr_fake=1e-4, lr_head=1e-4,
+                            generator_timestep=610.0)
+    state = build_state(config, ddpm)
+    before = _flat(state.generator)
+    fake_before = _flat(state.fake)
+    stats = [train_iteration(state, ddpm, config) for _ in range(4)]
+    assert {"dsm_loss", "disc_loss"} <= set(stats[0]) and {"dm_loss", "gan_gen_loss"} <= set(stats[1])
+    assert state.step == 4 and not torch.equal(before, _flat(state.generator))
+    assert not torch.equal(fake_before, _flat(state.fake))
+    assert state.generator.timestep == 610.0
+    z = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    x3, x8 = state.generator(z, torch.tensor([3, 3])), state.generator(z, torch.tensor([8, 8]))
+    assert (x3 - x8).abs().mean() > 0.05  # the labels reach the generator
+
+
+def _train(tmp_path, name, *extra):
+    from difflab.distill.train import main
+
+    out = tmp_path / name
+    summary = main(["f-distill", "--model", "digits-ddpm", "--output_dir", str(out), "--max_train_steps", "6",
+                    "--train_batch_size", "4", "--critic_updates", "1", "--checkpointing_steps", "3",
+                    "--validation_steps", "3", "--validation_per_class", "5", "--no_progress", *extra])
+    return out, summary
+
+
+def _unet_weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_cli_writes_a_one_step_pipeline_and_resumes_exactly(tmp_path):
+    out, summary = _train(tmp_path, "full")
+    assert summary["finished"] and summary["generator_timestep"] == 610.0
+    assert (out / "validation-3.png").is_file() and (out / "samples.png").is_file()
+    assert json.loads((out / "difflab_sampling.json").read_text())["num_inference_steps"] == 1
+    assert recommended_settings(str(out), None, None) == (1, 1.0)
+    assert recommended_settings(str(out), 4, 2.0) == (4, 2.0)
+    history = json.loads((out / "train_summary.json").read_text())["history"]
+    assert [h["step"] for h in history if h.get("validation")] == [3, 6]
+    pipe = load(out)
+    images = pipe(class_labels=[2, 5], num_inference_steps=1, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+
+    part, partial = _train(tmp_path, "part", "--stop_after_steps", "3")
+    assert not partial["finished"] and not (part / "model_index.json").exists()
+    _, resumed = _train(tmp_path, "part", "--resume_from_checkpoint", "latest")
+    assert resumed["finished"]
+    full_w, resumed_w = _unet_weights(out), _unet_weights(part)
+    assert max((full_w[k] - resumed_w[k]).abs().max().item() for k in full_w) <= 1e-6
+
+
+def test_cli_rejects_bad_flags(tmp_path, capsys):
+    from difflab.distill.train import main
+
+    base = ["f-distill", "--output_dir", str(tmp_path / "x"), "--no_progress"]
+    for extra, message in ((["--guidance_scale", "2"], "applies to a --model"),
+                           (["--model", "digits-ddpm", "--generator_timestep", "soon"], "generator_timestep"),
+                           (["--model", "digits-ddpm", "--generator_timestep", "5000"], "beyond")):
+        with pytest.raises(SystemExit) as info:
+            main(base + extra)
+        assert info.value.code == 2 and message in capsys.readouterr().err
