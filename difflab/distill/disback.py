@@ -379,6 +379,8 @@ def run_backtracking(state: FDistillState, tracker: Backtracker, config: DisBack
     bar = tqdm(total=base.max_train_steps, initial=state.step, desc=f"DisBack stage 2 ({base.divergence})",
                disable=not (progress and runtime.is_main), leave=False)
     latest: dict = {}
+    if on_step is not None and state.step == 0:
+        on_step(state)  # the initial generator's validation
     while state.step < base.max_train_steps and offset + state.step < stop:
         stats = fdistill_iteration(state, replace(problem, teacher=tracker.target), base, runtime)
         tracker.update(stats, state.step)

@@ -311,6 +311,8 @@ def _train_fdistill(config, problem, output_dir: Path, resume, stop: int, runtim
     bar = tqdm(total=config.max_train_steps, initial=state.step, desc=f"f-distill {config.divergence}",
                disable=not (progress and runtime.is_main))
     latest: dict = {}
+    if on_step is not None and state.step == 0:
+        on_step(state)  # the initial generator's validation
     while state.step < stop:
         latest.update(fdistill_iteration(state, problem, config, runtime))
         if state.step % log_every == 0:

@@ -108,7 +108,7 @@ def test_cli_writes_a_one_step_pipeline_and_resumes_exactly(tmp_path):
     assert recommended_settings(str(out), None, None) == (1, 1.0)
     assert recommended_settings(str(out), 4, 2.0) == (4, 2.0)
     history = json.loads((out / "train_summary.json").read_text())["history"]
-    assert [h["step"] for h in history if h.get("validation")] == [3, 6]
+    assert [h["step"] for h in history if h.get("validation")] == [0, 3, 6]
     pipe = load(out)
     images = pipe(class_labels=[2, 5], num_inference_steps=1, output_type="pt",
                   generator=torch.Generator().manual_seed(0)).images
