@@ -17,6 +17,7 @@ BENCHMARKS = {
     "composition": ("difflab.benchmarks.composition", "FKC and SuperDiff on exact Gaussian-mixture targets; AND of digits"),
     "usf": ("difflab.benchmarks.usf", "S^3-searched USF schedules against diffusers' solvers per NFE"),
     "distill": ("difflab.benchmarks.distill", "f-distill on a 2-D mixture of 8 unequal modes: mode coverage per divergence"),
+    "distill-digits": ("difflab.benchmarks.distill_digits", "one-step digits-ddpm students: FD-digits vs generator steps"),
     "align": ("difflab.benchmarks.align", "AWM against a DDPO-style baseline: reward versus generated samples"),
 }
 
@@ -82,7 +83,7 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     from .distill import train as distill_train
 
     _add_trainer(sub, "distill", "train one-step generators (f-distill, DisBack) with accelerate", distill_train,
-                 "on a built-in Gaussian mixture (accelerate)")
+                 "of a digits model (--model) or a built-in Gaussian mixture (accelerate)")
 
 
 def _add_align(sub: argparse._SubParsersAction) -> None:

@@ -6,7 +6,10 @@
 * :mod:`~difflab.distill.fdistill`: f-distill (Xu, Nie, Vahdat 2025): h(r) weightings, density ratio
   from the discriminator, time-binned and batch normalization, the generator loss.
 * :mod:`~difflab.distill.nets`: small MLP denoisers, the discriminator head, the one-step generator.
-* :mod:`~difflab.distill.lowdim`: the low-dimensional trainer (checkpoints, resume).
+* :mod:`~difflab.distill.lowdim`: the low-dimensional problem, the f-distill steps, the trainer
+  (checkpoints, resume).
+* :mod:`~difflab.distill.digits`: the same steps on a class-conditional digits UNet teacher, and the
+  one-step DigitsPipeline a generator becomes.
 * :mod:`~difflab.distill.disback`: DisBack (Zhang et al., ICLR 2025): degradation recording, then
   backtracking along the saved nodes to the teacher, around the f-distill / DMD2 steps.
 * :mod:`~difflab.distill.loop`: process-aware iteration (DDP-wrapped trained modules) for accelerate.
@@ -34,7 +37,14 @@ from .aligner import (
 )
 from .awm import awm_loss
 from .ddpo import ddpo_loss
-from .disback import Backtracker, DisBackConfig, DisBackRun, strict_load, train_disback_lowdim
+from .digits import (
+    DigitsDistillProblem,
+    digits_distill_problem,
+    evaluate_student,
+    one_step_pipeline,
+    save_one_step_pipeline,
+)
+from .disback import Backtracker, DisBackConfig, DisBackRun, strict_load, train_disback, train_disback_lowdim
 from .engine import (
     EMA,
     ScoreModel,
@@ -61,7 +71,7 @@ from .fdistill import (
 )
 from .loop import Runtime, fdistill_iteration
 from .lowdim import FDistillConfig, FDistillRun, exact_teacher, fit_mlp_teacher, train_fdistill_lowdim
-from .nets import DiscriminatorHead, MLPDenoiser, OneStepGenerator
+from .nets import DiscriminatorHead, MLPDenoiser, OneStepGenerator, default_generator_timestep
 from .rewards import CompositeReward, DigitsClassReward, InkReward, RegionReward, build_reward, group_advantages
 from .rollout import ode_rollout, sde_rollout
 
@@ -70,7 +80,9 @@ __all__ = [
     "align_iteration", "awm_loss", "build_reward", "build_state", "ddpo_loss", "digits_problem", "group_advantages",
     "mixture_problem", "ode_rollout", "sde_rollout",
     "Backtracker", "DisBackConfig", "DisBackRun", "Runtime", "fdistill_iteration", "strict_load",
-    "train_disback_lowdim",
+    "train_disback", "train_disback_lowdim",
+    "DigitsDistillProblem", "default_generator_timestep", "digits_distill_problem", "evaluate_student",
+    "one_step_pipeline", "save_one_step_pipeline",
     "DIVERGENCES", "EMA", "WEIGHTINGS", "DiscriminatorHead", "FDistillConfig", "FDistillRun", "MLPDenoiser",
     "OneStepGenerator", "RatioNormalizer", "ScoreModel", "canonical_divergence", "density_ratio", "dmd_normalizer",
     "dsm_loss", "exact_teacher", "fdistill_weights", "fit_mlp_teacher", "gan_discriminator_loss",

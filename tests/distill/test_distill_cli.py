@@ -83,3 +83,25 @@ def test_accelerate_launch(tmp_path, method, launch):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["finished"] and summary["num_processes"] == (2 if launch == "multi" else 1)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    """A run killed with SIGKILL right after its first checkpoint resumes to the uninterrupted weights."""
+    import signal
+    import time
+
+    flags = [*TINY, *METHOD_FLAGS["f-distill"], "--max_train_steps", "600", "--checkpointing_steps", "20"]
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "difflab.distill.train", "f-distill", "--output_dir", str(killed), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300  # a bound on waiting, not a timing assertion
+    while not list(killed.glob("checkpoint-*/state.pt")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "generator.safetensors").exists()
+    main(["distill", "f-distill", "--output_dir", str(killed), *flags, "--resume_from_checkpoint", "latest"])
+    main(["distill", "f-distill", "--output_dir", str(tmp_path / "whole"), *flags])
+    a, b = load_file(tmp_path / "whole" / "generator.safetensors"), load_file(killed / "generator.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
