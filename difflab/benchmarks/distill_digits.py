@@ -31,16 +31,20 @@ import torch
 
 from .report import bench_main, publish
 
-RUNS = {  # name: (method, divergence)
-    "js": ("f-distill", "js"),
-    "disback-js": ("disback", "js"),
-    "rkl": ("f-distill", "rkl"),
-    "kl": ("f-distill", "kl"),
+RUNS = {  # name: (method, divergence, extra trainer flags)
+    "js": ("f-distill", "js", []),
+    "disback-js": ("disback", "js", []),
+    "rkl": ("f-distill", "rkl", []),
+    "kl": ("f-distill", "kl", []),
+    "disback-js-i500": ("disback", "js", ["--backtrack_interval", "500"]),
+    "disback-js-plateau": ("disback", "js", ["--switch", "plateau", "--backtrack_interval", "500",
+                                             "--min_node_steps", "100", "--plateau_window", "40"]),
 }
+DEFAULT_RUNS = ["js", "disback-js", "rkl", "kl"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=list(RUNS))
     parser.add_argument("--steps", type=int, default=3000, help="iterations per run (critic + generator updates)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr-generator", type=float, default=3e-5)
@@ -58,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def trainer_command(args: argparse.Namespace, name: str) -> list[str]:
-    method, divergence = RUNS[name]
+    method, divergence, extra = RUNS[name]
     cmd = [sys.executable, "-m", "difflab.distill.train", method, "--model", "digits-ddpm",
            "--output_dir", str(args.workdir / name), "--divergence", divergence,
            "--max_train_steps", str(args.steps), "--train_batch_size", str(args.batch_size),
@@ -69,7 +73,7 @@ def trainer_command(args: argparse.Namespace, name: str) -> list[str]:
     if method == "disback":
         cmd += ["--num_nodes", str(args.num_nodes), "--node_interval", str(args.node_interval),
                 "--degradation_learning_rate", str(args.lr_critic), "--backtrack_interval", str(args.backtrack_interval)]
-    return cmd
+    return cmd + extra  # later flags win
 
 
 def run_trainers(args: argparse.Namespace) -> dict[str, dict]:
@@ -171,14 +175,18 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
             *lines, "", "FD-digits of the EMA generator at each validation (generator steps: FD / accuracy):\n"]
     for name, points in curves.items():
         body.append(f"- {name}: " + ", ".join(f"{st}: {fd:.1f} / {acc:.2f}" for st, fd, acc in points))
-    base, dis = summaries.get("js"), summaries.get("disback-js")
-    if base is not None and dis is not None:
-        target = base["fd_digits"]
-        base_steps, dis_steps = curves["js"][-1][0], first_reaching(curves["disback-js"], target)
-        ratio = "never" if dis_steps is None else f"{dis_steps / base_steps:.2f}x"
-        body.append(f"\nDisBack against its baseline (f-distill js): the baseline's final FD-digits {target:.1f} "
-                    f"after {base_steps} generator steps; DisBack first reaches it after "
-                    f"{'-' if dis_steps is None else dis_steps} generator steps ({ratio} of the baseline's).")
+    if "js" in summaries:
+        target, base_steps = summaries["js"]["fd_digits"], curves["js"][-1][0]
+        body.append(f"\nDisBack against its baseline (f-distill js): the baseline's final FD-digits {target:.1f} after "
+                    f"{base_steps} generator steps. Generator steps until DisBack's EMA generator first reaches it "
+                    "(stage-2 steps; stage 1 trains no generator):\n")
+        for name in (n for n in summaries if RUNS[n][0] == "disback"):
+            steps = first_reaching(curves[name], target)
+            ratio = "never within the run" if steps is None else f"{steps} steps, {steps / base_steps:.2f}x the baseline's"
+            every = int(summaries[name]["args"]["critic_updates"]) + 1
+            switches = [sw["iteration"] // every for sw in summaries[name].get("switches", [])]
+            body.append(f"- {name} ({' '.join(RUNS[name][2]) or 'defaults'}): {ratio}; final FD-digits "
+                        f"{summaries[name]['fd_digits']:.1f}; targets switched at generator steps {switches}.")
     body.append(f"\nSamples of the best run ({best}, one step, EMA weights):\n\n![samples]({grid.name})")
     return publish(args.out, "One-step digits-ddpm students: f-distill and DisBack", "distill_digits", argv,
                    time.time() - start, __doc__, "\n".join(lines), body="\n".join(body) + "\n", picture=png.name)
