@@ -105,3 +105,20 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     main(["distill", "f-distill", "--output_dir", str(tmp_path / "whole"), *flags])
     a, b = load_file(tmp_path / "whole" / "generator.safetensors"), load_file(killed / "generator.safetensors")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_accelerate_launch_two_processes_on_a_digits_teacher(tmp_path):
+    """Two gloo processes distil digits-ddpm (DDP-wrapped UNet generator and fake score) and save the pipeline."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCHES["multi"], "--mixed_precision", "no",
+           "--main_process_port", str(free_port()), "-m", "difflab.distill.train", "f-distill", "--model",
+           "digits-ddpm", "--output_dir", str(tmp_path), "--max_train_steps", "4", "--train_batch_size", "2",
+           "--critic_updates", "1", "--checkpointing_steps", "2", "--validation_steps", "4",
+           "--validation_per_class", "3", "--no_progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["finished"] and summary["num_processes"] == 2
+    assert (tmp_path / "model_index.json").is_file() and (tmp_path / "checkpoint-4" / "state.pt").is_file()
