@@ -1,16 +1,12 @@
 """`difflab align awm|ddpo`: results, resume from 'latest', LoRA, errors, accelerate launch."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from difflab.benchmarks.fid import free_port
 from difflab.cli import main
 from difflab.distill.align import load_mixture_policy
 
@@ -85,21 +81,9 @@ LAUNCHES = {"cpu": ["--num_processes", "2", "--cpu"],
 
 
 @pytest.mark.parametrize("launch", ["cpu", "multi"])
-def test_accelerate_launch(tmp_path, launch):
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    for attempt in range(2):  # one retry with a fresh port: a rendezvous hung once (of ~10 runs) on this machine
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCHES[launch], "--mixed_precision", "no",
-               "--main_process_port", str(free_port()), "-m", "difflab.distill.align", "awm",
-               "--output_dir", str(tmp_path / f"run{attempt}"), *MIXTURE]
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-            break
-        except subprocess.TimeoutExpired:
-            if attempt == 1:
-                raise
-    tmp_path = tmp_path / f"run{attempt}"
+def test_accelerate_launch(tmp_path, launch, accelerate_launch):
+    proc = accelerate_launch(LAUNCHES[launch], ["-m", "difflab.distill.align", "awm", "--output_dir", str(tmp_path),
+                                                *MIXTURE], timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     processes = 2 if launch == "multi" else 1

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from difflab.benchmarks.fid import free_port
 from difflab.cli import main
 from difflab.distill.train import load_generator
 
@@ -72,14 +71,9 @@ LAUNCHES = {"cpu": ["--num_processes", "2", "--cpu"],
 
 @pytest.mark.parametrize("launch", ["cpu", "multi"])
 @pytest.mark.parametrize("method", ["f-distill", "disback"])
-def test_accelerate_launch(tmp_path, method, launch):
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCHES[launch], "--mixed_precision", "no",
-           "--main_process_port", str(free_port()), "-m", "difflab.distill.train", method,
-           "--output_dir", str(tmp_path), *TINY, *METHOD_FLAGS[method]]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+def test_accelerate_launch(tmp_path, method, launch, accelerate_launch):
+    proc = accelerate_launch(LAUNCHES[launch], ["-m", "difflab.distill.train", method, "--output_dir", str(tmp_path),
+                                                *TINY, *METHOD_FLAGS[method]])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["finished"] and summary["num_processes"] == (2 if launch == "multi" else 1)
@@ -107,17 +101,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
-def test_accelerate_launch_two_processes_on_a_digits_teacher(tmp_path):
+def test_accelerate_launch_two_processes_on_a_digits_teacher(tmp_path, accelerate_launch):
     """Two gloo processes distil digits-ddpm (DDP-wrapped UNet generator and fake score) and save the pipeline."""
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCHES["multi"], "--mixed_precision", "no",
-           "--main_process_port", str(free_port()), "-m", "difflab.distill.train", "f-distill", "--model",
-           "digits-ddpm", "--output_dir", str(tmp_path), "--max_train_steps", "4", "--train_batch_size", "2",
-           "--critic_updates", "1", "--checkpointing_steps", "2", "--validation_steps", "4",
-           "--validation_per_class", "3", "--no_progress"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = accelerate_launch(LAUNCHES["multi"], [
+        "-m", "difflab.distill.train", "f-distill", "--model", "digits-ddpm", "--output_dir", str(tmp_path),
+        "--max_train_steps", "4", "--train_batch_size", "2", "--critic_updates", "1", "--checkpointing_steps", "2",
+        "--validation_steps", "4", "--validation_per_class", "3", "--no_progress"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["finished"] and summary["num_processes"] == 2

@@ -236,24 +236,11 @@ open(sys.argv[1] + f"/ok{acc.process_index}", "w").close()
 """
 
 
-def test_reductions_across_two_accelerate_processes(tmp_path):
+def test_reductions_across_two_accelerate_processes(tmp_path, accelerate_launch):
     """Each of 2 processes holds half a batch: bin means and the mean of h must be the whole batch's."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = tmp_path / "worker.py"
     script.write_text(TWO_PROCESS_WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = accelerate_launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no"],
+                             [str(script), str(tmp_path)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "ok0").exists() and (tmp_path / "ok1").exists()
