@@ -198,6 +198,17 @@ def student_samples(generator: OneStepGenerator, problem: DigitsDistillProblem, 
     return images, labels
 
 
+def save_student_grid(generator: OneStepGenerator, problem: DigitsDistillProblem, path: str | Path,
+                      per_class: int = 8, seed: int = 1234) -> Path:
+    """A labelled PNG grid of one-step samples, one row per class (fixed noise)."""
+    from ..models.digits import make_grid
+
+    images, _ = student_samples(generator, problem, per_class, seed)
+    labels = [str(c) for c in range(problem.num_classes)]
+    make_grid((images.clamp(-1, 1) + 1) / 2, nrow=per_class, labels=labels).save(path)
+    return Path(path)
+
+
 def evaluate_student(generator: OneStepGenerator, problem: DigitsDistillProblem, per_class: int = 50,
                      seed: int = 1234) -> dict:
     """FD-digits (against the held-out digits), class accuracy and the noise floor of one-step samples."""

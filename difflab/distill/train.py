@@ -349,8 +349,7 @@ def build_problem(args: argparse.Namespace, progress: bool):
 def digits_validator(args: argparse.Namespace, problem, output_dir: Path, runtime):
     """``on_step(state)``: every ``--validation_steps`` iterations (main process), FD-digits and accuracy of
     the EMA generator into ``state.history`` and a ``validation-N.png`` grid."""
-    from ..models.digits import make_grid
-    from .digits import evaluate_student, student_samples
+    from .digits import evaluate_student, save_student_grid
 
     def on_step(state) -> None:
         if state.step % args.validation_steps or not runtime.is_main:
@@ -358,9 +357,7 @@ def digits_validator(args: argparse.Namespace, problem, output_dir: Path, runtim
         score = evaluate_student(state.ema.model, problem, args.validation_per_class, seed=args.seed + 1)
         state.history.append({"step": state.step, "validation": True, "fd_digits": score["fd_digits"],
                               "accuracy": score["accuracy"]})
-        images, _ = student_samples(state.ema.model, problem, 8, seed=args.seed + 1)
-        make_grid((images.clamp(-1, 1) + 1) / 2, nrow=8, labels=[str(c) for c in range(10)]).save(
-            output_dir / f"validation-{state.step}.png")
+        save_student_grid(state.ema.model, problem, output_dir / f"validation-{state.step}.png", seed=args.seed + 1)
         tqdm.write(f"step {state.step}: FD-digits {score['fd_digits']:.1f} (floor {score['noise_floor']:.1f}), "
                    f"accuracy {score['accuracy']:.3f}")
 
@@ -437,15 +434,13 @@ def _finish_mixture(args: argparse.Namespace, output_dir: Path, state, mixture) 
 
 def _finish_digits(args: argparse.Namespace, output_dir: Path, state, problem) -> dict:
     """Save the EMA generator as a one-step DigitsPipeline directory with a sample grid and its FD-digits."""
-    from ..models.digits import make_grid
-    from .digits import evaluate_student, save_one_step_pipeline, student_samples
+    from .digits import evaluate_student, save_one_step_pipeline, save_student_grid
 
     ema = state.ema.model.eval()
     score = evaluate_student(ema, problem, args.validation_per_class, seed=args.seed + 1)
     save_one_step_pipeline(ema, problem, output_dir, {"teacher": args.model, "method": args.method,
                                                        "divergence": args.divergence})
-    images, _ = student_samples(ema, problem, 8, seed=args.seed + 1)
-    make_grid((images.clamp(-1, 1) + 1) / 2, nrow=8, labels=[str(c) for c in range(10)]).save(output_dir / "samples.png")
+    save_student_grid(ema, problem, output_dir / "samples.png", seed=args.seed + 1)
     print(f"wrote the one-step pipeline {output_dir} and {output_dir / 'samples.png'}; FD-digits "
           f"{score['fd_digits']:.1f} (noise floor {score['noise_floor']:.1f}), accuracy {score['accuracy']:.3f}")
     return {"fd_digits": score["fd_digits"], "accuracy": score["accuracy"], "noise_floor": score["noise_floor"]}
