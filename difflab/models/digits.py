@@ -232,6 +232,19 @@ class DigitsPipeline(DiffusionPipeline):
                 self.scheduler.set_timesteps(**{name: value}, device=device)
                 return
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._check_timesteps(num_inference_steps)
+
+    def _check_timesteps(self, num_inference_steps: int) -> None:
+        """A clear error when the scheduler's grid leaves the training range (a one-step distilled pipeline,
+        whose DDIM scheduler is offset to its generator timestep, called with several steps)."""
+        limit = self.scheduler.config.get("num_train_timesteps", 1000)
+        largest = float(self.scheduler.timesteps.max())
+        if largest > limit:
+            offset = self.scheduler.config.get("steps_offset", 0)
+            raise ValueError(f"num_inference_steps={num_inference_steps} puts timestep {largest:g} beyond the "
+                             f"scheduler's {limit} training timesteps (steps_offset={offset}); a one-step distilled "
+                             "pipeline runs with num_inference_steps=1 (see its difflab_sampling.json), or set "
+                             "another scheduler.")
 
     def _model_output(
         self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, null: torch.Tensor, guidance_scale: float

@@ -113,6 +113,8 @@ def test_cli_writes_a_one_step_pipeline_and_resumes_exactly(tmp_path):
     images = pipe(class_labels=[2, 5], num_inference_steps=1, output_type="pt",
                   generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+    with pytest.raises(ValueError, match="num_inference_steps=1"):
+        pipe(class_labels=[2], num_inference_steps=2)
 
     part, partial = _train(tmp_path, "part", "--stop_after_steps", "3")
     assert not partial["finished"] and not (part / "model_index.json").exists()
