@@ -37,8 +37,6 @@ RUNS = {  # name: (method, divergence, extra trainer flags)
     "rkl": ("f-distill", "rkl", []),
     "kl": ("f-distill", "kl", []),
     "disback-js-i500": ("disback", "js", ["--backtrack_interval", "500"]),
-    "disback-js-deg1e-5": ("disback", "js", ["--degradation_learning_rate", "1e-5"]),
-    "disback-js-n25": ("disback", "js", ["--node_interval", "25"]),
     "disback-js-plateau": ("disback", "js", ["--switch", "plateau", "--backtrack_interval", "500",
                                              "--min_node_steps", "100", "--plateau_window", "40"]),
 }

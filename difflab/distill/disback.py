@@ -47,6 +47,7 @@ from .lowdim import (
     LowDimProblem,
     build_state,
     exact_teacher,
+    generator_timestep,
     resolve_checkpoint,
 )
 from .nets import MLPDenoiser, OneStepGenerator
@@ -175,10 +176,11 @@ class DegradationState:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def initial_student(problem: LowDimProblem) -> OneStepGenerator:
-    """G^0, the frozen initial student: the teacher network at the largest timestep on pure noise
+def initial_student(problem: LowDimProblem, config: FDistillConfig | None = None) -> OneStepGenerator:
+    """G^0, the frozen initial student: the teacher network at the generator timestep on pure noise
     (the same initialization as :func:`difflab.distill.lowdim.build_state`)."""
     student = OneStepGenerator(copy.deepcopy(problem.teacher_net), problem.schedule,
+                               generator_timestep(config or FDistillConfig(), problem),
                                prediction_type=problem.prediction_type)
     return student.eval().requires_grad_(False)
 
@@ -350,7 +352,7 @@ def run_degradation(deg: DegradationState, config: DisBackConfig, problem: LowDi
                     stop: int, runtime: Runtime, progress: bool) -> None:
     """Stage 1 up to global step ``min(stop, N * node_interval)``: DSM steps, nodes, checkpoints."""
     nodes_dir = output_dir / "nodes"
-    student = initial_student(problem)
+    student = initial_student(problem, config.base)
     runtime.register(deg.score)
     if deg.step == 0 and runtime.is_main:
         save_node(problem.teacher_net, nodes_dir, 0)  # node 0 = the teacher network itself

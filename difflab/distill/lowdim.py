@@ -41,7 +41,7 @@ from .engine import (
     step_generator,
 )
 from .fdistill import RatioNormalizer, canonical_divergence, fdistill_weights, generator_loss
-from .nets import DiscriminatorHead, MLPDenoiser, OneStepGenerator
+from .nets import DiscriminatorHead, MLPDenoiser, OneStepGenerator, default_generator_timestep
 
 HEAD_FEATURES = ("fake", "teacher")
 
@@ -54,9 +54,9 @@ class FDistillConfig:
     ``critic_updates`` fake-score / discriminator updates come before each generator update.
     ``t_range`` is the fraction of the largest timestep where t is drawn (DMD2: 0.02 to 0.98).
     ``generator_timestep`` is the diffusers timestep at which the generator's denoiser sees pure noise
-    (DMD2's conditioning timestep; None: the largest). For an eps model whose alpha at the largest
-    timestep is tiny, x0 = (z - sigma eps) / alpha amplifies every change of eps by 1 / alpha, and a
-    lower conditioning timestep gives a better-conditioned generator.
+    (DMD2's conditioning timestep; None: :func:`~difflab.distill.nets.default_generator_timestep`, the
+    largest one unless an eps model's alpha there is tiny: x0 = (z - sigma eps) / alpha amplifies every
+    change of eps by 1 / alpha, and a lower conditioning timestep gives a better-conditioned generator).
     """
 
     divergence: str = "js"
@@ -179,11 +179,18 @@ class LowDimProblem:
         return self.teacher_net(x_t, t, return_features=True).features
 
 
+def generator_timestep(config: FDistillConfig, problem: LowDimProblem) -> float:
+    """The configured generator timestep, or the default rule on the problem's schedule."""
+    if config.generator_timestep is not None:
+        return float(config.generator_timestep)
+    return default_generator_timestep(problem.schedule, problem.prediction_type)
+
+
 def build_state(config: FDistillConfig, problem: LowDimProblem) -> FDistillState:
     """Generator and fake score copied from the problem's teacher network; a seeded fresh head;
     optimizers; EMA (the DMD2 / f-distill initialization)."""
     teacher_net = problem.teacher_net
-    generator = OneStepGenerator(copy.deepcopy(teacher_net), problem.schedule, config.generator_timestep,
+    generator = OneStepGenerator(copy.deepcopy(teacher_net), problem.schedule, generator_timestep(config, problem),
                                  prediction_type=problem.prediction_type).train()
     fake = copy.deepcopy(teacher_net).train().requires_grad_(True)
     with torch.random.fork_rng(devices=[]):
