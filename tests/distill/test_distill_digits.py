@@ -134,3 +134,14 @@ def test_cli_rejects_bad_flags(tmp_path, capsys):
         with pytest.raises(SystemExit) as info:
             main(base + extra)
         assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_disback_degrades_toward_the_generator_it_will_train(ddpm):
+    """Stage 1's frozen initial student is the stage-2 generator's starting point: same timestep, same output."""
+    from difflab.distill.disback import initial_student
+
+    for config in (FDistillConfig(), FDistillConfig(generator_timestep=500.0)):
+        student, state = initial_student(ddpm, config), build_state(config, ddpm)
+        assert student.timestep == state.generator.timestep == (config.generator_timestep or 610.0)
+        z, labels = ddpm.draw_noise(3, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(student(z, labels), state.generator(z, labels).detach())
