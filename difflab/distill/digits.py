@@ -57,20 +57,19 @@ def unet_mid_features(module: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
 
 
 class GuidedDenoiser(nn.Module):
-    """A class-conditional UNet with classifier-free guidance on its raw output (one batched call):
-    ``uncond + w (cond - uncond)`` with the null class as the unconditional label."""
+    """A class-conditional UNet with classifier-free guidance on its raw output (one batched call, the
+    null class as the unconditional label: :func:`difflab.models.digits.guided_unet_output`)."""
 
-    def __init__(self, unet: nn.Module, guidance_scale: float, null_class: int):
+    def __init__(self, unet: nn.Module, guidance_scale: float):
         super().__init__()
-        self.module, self.guidance_scale, self.null_class = unet, float(guidance_scale), int(null_class)
+        self.module, self.guidance_scale = unet, float(guidance_scale)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor, **kw: Any):
-        null = torch.full_like(class_labels, self.null_class)
-        t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
-        t = t.expand(len(sample)) if t.numel() == 1 else t
-        out = self.module(torch.cat([sample, sample]), torch.cat([t, t]), class_labels=torch.cat([class_labels, null]))
-        cond, uncond = out.sample.chunk(2)
-        return type(out)(sample=uncond + self.guidance_scale * (cond - uncond))
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        from ..models.digits import guided_unet_output
+
+        return UNet2DOutput(sample=guided_unet_output(self.module, sample, timestep, class_labels, self.guidance_scale))
 
 
 @dataclass
@@ -119,7 +118,7 @@ class DigitsDistillProblem:
 def digits_distill_problem(model: str = "digits-ddpm", guidance_scale: float = 1.0) -> DigitsDistillProblem:
     """The problem of a built-in digits model name or a DigitsPipeline directory, teacher CFG ``guidance_scale``."""
     from ..models import load
-    from ..models.digits import NULL_CLASS, load_digits_dataset
+    from ..models.digits import load_digits_dataset
 
     pipe = load(model)
     unet = getattr(pipe, "unet", None)
@@ -133,7 +132,7 @@ def digits_distill_problem(model: str = "digits-ddpm", guidance_scale: float = 1
     prediction_type = "flow_prediction" if schedule.kind == "flow" else scheduler_config.get("prediction_type",
                                                                                              "epsilon")
     unet = unet.float().eval().requires_grad_(False)
-    teacher_module = unet if guidance_scale == 1.0 else GuidedDenoiser(unet, guidance_scale, NULL_CLASS)
+    teacher_module = unet if guidance_scale == 1.0 else GuidedDenoiser(unet, guidance_scale)
     images, labels = load_digits_dataset("train")
     return DigitsDistillProblem(schedule, ScoreModel(teacher_module, prediction_type), unet, prediction_type,
                                 images, labels, scheduler_config)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .engine import step_generator
-from .lowdim import FDistillConfig, FDistillState, LowDimProblem, critic_step, generator_step
+from .lowdim import FDistillConfig, FDistillState, LowDimProblem, checkpoint_dirs, critic_step, generator_step
 
 FORWARDED_ATTRIBUTES = ("prediction_type", "supports_features")
 
@@ -122,8 +122,6 @@ def write_checkpoint(output_dir: str | Path, step: int, payload: dict, total_lim
     torch.save(payload, tmp)
     tmp.replace(path / "state.pt")
     if total_limit is not None and total_limit >= 1:
-        from .lowdim import checkpoint_dirs
-
         for old in checkpoint_dirs(output_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     return path

@@ -196,20 +196,18 @@ def build_config(args: argparse.Namespace):
 
 
 def set_generator_timestep(config, args: argparse.Namespace, problem) -> float:
-    """Resolve ``--generator_timestep`` on the problem's schedule and store it in the (base) config."""
-    from .nets import default_generator_timestep
+    """Store ``--generator_timestep`` in the (base) config ('auto': None, the default rule of
+    :func:`difflab.distill.lowdim.generator_timestep`) and return the timestep it resolves to."""
+    from .lowdim import generator_timestep
 
     value = parse_generator_timestep(args.generator_timestep)
     t_max = float(problem.schedule.t_max)
-    if value == "auto":
-        value = default_generator_timestep(problem.schedule, problem.prediction_type)
-    elif value == "max":
-        value = t_max
-    if value > t_max:
-        raise ValueError(f"--generator_timestep {value} is beyond the teacher's largest timestep {t_max}.")
     base = getattr(config, "base", config)
-    base.generator_timestep = float(value)
-    return base.generator_timestep
+    base.generator_timestep = {"auto": None, "max": t_max}.get(value, value)
+    resolved = generator_timestep(base, problem)
+    if resolved > t_max:
+        raise ValueError(f"--generator_timestep {resolved} is beyond the teacher's largest timestep {t_max}.")
+    return resolved
 
 
 # --------------------------------------------------------------------------------------------

@@ -193,6 +193,19 @@ def _postprocess(x: torch.Tensor, output_type: str) -> torch.Tensor | np.ndarray
     return [Image.fromarray((a[..., 0] * 255).round().astype(np.uint8), mode="L") for a in arr]
 
 
+def guided_unet_output(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor | float, labels: torch.Tensor,
+                       guidance_scale: float) -> torch.Tensor:
+    """Raw output of a class-conditional UNet, with classifier-free guidance when ``guidance_scale > 1``:
+    ONE call on the rows ``[cond; null]`` and ``uncond + w * (cond - uncond)`` (Ho & Salimans 2022, eq. 6)."""
+    if guidance_scale <= 1.0:
+        return unet(x, t, class_labels=labels).sample
+    t = torch.as_tensor(t, device=x.device)
+    t = torch.cat([t, t]) if t.ndim > 0 and t.numel() > 1 else t
+    null = torch.full_like(labels, NULL_CLASS)
+    cond, uncond = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
 class DigitsPipeline(DiffusionPipeline):
     """Class-conditional 16x16 digits sampler with classifier-free guidance; any scheduler works.
 
@@ -253,11 +266,7 @@ class DigitsPipeline(DiffusionPipeline):
         model_in = x
         if hasattr(self.scheduler, "scale_model_input"):
             model_in = self.scheduler.scale_model_input(x, t)
-        if guidance_scale <= 1.0:
-            return self.unet(model_in, t, class_labels=labels).sample
-        out = self.unet(torch.cat([model_in, model_in]), t, class_labels=torch.cat([labels, null])).sample
-        cond, uncond = out.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        return guided_unet_output(self.unet, model_in, t, labels, guidance_scale)
 
     @torch.no_grad()
     def __call__(

@@ -58,7 +58,7 @@ def test_features_and_guided_teacher(ddpm):
     out, feats = unet_mid_features(ddpm.teacher_net, x, t, class_labels=labels)
     assert feats.shape == (3, ddpm.feature_dim) == (3, 64 * 4 * 4)
     torch.testing.assert_close(out, ddpm.teacher_net(x, t, class_labels=labels).sample)
-    guided = GuidedDenoiser(ddpm.teacher_net, 3.0, NULL_CLASS)(x, t, class_labels=labels).sample
+    guided = GuidedDenoiser(ddpm.teacher_net, 3.0)(x, t, class_labels=labels).sample
     cond = ddpm.teacher_net(x, t, class_labels=labels).sample
     uncond = ddpm.teacher_net(x, t, class_labels=torch.full_like(labels, NULL_CLASS)).sample
     torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond), atol=1e-5, rtol=1e-5)
