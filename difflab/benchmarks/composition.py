@@ -17,6 +17,9 @@ timesteps ending at the smallest trained noise level (``final_sigmas_type="sigma
   Metric: energy distance to as many exact samples. Annealed targets are the hard case: the increment
   beta (beta - 1) dlambda ||eps||^2 rewards particles with large scores, so a few particles can
   take over the population and the result varies strongly from seed to seed (per-seed column).
+  SMC converges as the number of particles K grows, so the tables use K = 8000 (the network calls
+  per particle are the same for FKC and the baseline at any K); the sweep table shows the 8-D
+  annealing cases at K = 500, 2000 and 8000 with the same seeds.
 * **Ito density estimator**: along ancestral trajectories of a 16-D mixture, the accumulated
   estimate of log q_t against the exact log q_t at every visited noise level (``linspace`` steps).
 * **SuperDiff on digits-ddpm**: AND of two digit classes, against kappa fixed at 0.5.
@@ -202,9 +205,12 @@ def and_share(samples: torch.Tensor, models: tuple[GaussianMixture, ...] = AND_M
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--particles", type=int, default=2000, help="particles (= samples) per run")
+    parser.add_argument("--particles", type=int, default=8000, help="FKC particles (= samples) per run")
+    parser.add_argument("--particle-sweep", type=int, nargs="*", default=[500, 2000, 8000],
+                        help="particle counts of the 8-D annealing table (none: skip it)")
+    parser.add_argument("--samples", type=int, default=2000, help="SuperDiff samples per run and points per scatter")
     parser.add_argument("--dims", type=int, nargs="+", default=[8, 2], help="dimensions of the FKC mixtures")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--ess-threshold", type=float, default=None,
                         help="FKC resamples only below this ESS/K (default: every step)")
     parser.add_argument("--fkc-only", action="store_true", help="only the FKC tables")
@@ -286,10 +292,36 @@ def fkc_table(dim: int, args: argparse.Namespace, progress: tqdm) -> list[str]:
         for seed in range(args.seeds):
             runs.append(fkc_energy(name, dim, args.steps, args.particles, seed, args.ess_threshold))
             progress.update(1)
-        base, fkc, floor = (sum(r[j] for r in runs) / len(runs) for j in range(3))
-        per_seed = ", ".join(f"{r[1] / r[0]:.2f}" for r in runs)
-        lines.append(f"| {fkc_case(name, 2).target.name} | {base:.4f} | {fkc:.4f} | {1 - fkc / base:.0%} | "
-                     f"{per_seed} | {floor:.4f} |")
+        lines.append(f"| {fkc_case(name, 2).target.name} | {summary_cells(runs)} |")
+    return lines + [""]
+
+
+def summary_cells(runs: list[tuple[float, float, float]]) -> str:
+    """Mean baseline, mean FKC, reduction, per-seed ratios and floor of (baseline, FKC, floor) runs."""
+    base, fkc, floor = (sum(r[j] for r in runs) / len(runs) for j in range(3))
+    per_seed = ", ".join(f"{r[1] / r[0]:.2f}" for r in runs)
+    return f"{base:.4f} | {fkc:.4f} | {1 - fkc / base:.0%} | {per_seed} | {floor:.4f}"
+
+
+def particle_sweep_table(args: argparse.Namespace, progress: tqdm) -> list[str]:
+    """FKC on the 8-D annealed targets against the number of particles (same seeds, same steps).
+
+    SMC is consistent as the number of particles grows; with few particles a handful of heavily
+    weighted particles decide the mode weights, which is where the per-seed spread comes from.
+    """
+    when = "every step" if args.ess_threshold is None else f"when ESS/K < {args.ess_threshold:g}"
+    lines = [f"### FKC annealing in 8-D against the number of particles ({args.steps} steps, resampling {when}, "
+             f"{args.seeds} seeds)\n",
+             "| target | particles | baseline energy distance | FKC energy distance | reduction | "
+             "FKC / baseline per seed | exact-vs-exact floor |",
+             "|---|---|---|---|---|---|---|"]
+    for name in ("anneal2", "anneal3"):
+        for count in args.particle_sweep:
+            runs = []
+            for seed in range(args.seeds):
+                runs.append(fkc_energy(name, 8, args.steps, count, seed, args.ess_threshold))
+                progress.update(1)
+            lines.append(f"| {fkc_case(name, 2).target.name} | {count} | {summary_cells(runs)} |")
     return lines + [""]
 
 
@@ -303,21 +335,21 @@ def density_and_superdiff_tables(args: argparse.Namespace, progress: tqdm) -> li
             mean_err, last_err = density_tracking_error(estimator, steps=steps)
             lines.append(f"| {estimator} | {steps} | {mean_err:.3f} | {last_err:.3f} |")
             progress.update(1)
-    lines += ["", f"### SuperDiff, 2-D, {args.steps} steps, {args.particles} samples, {args.seeds} seeds (mean)\n",
+    lines += ["", f"### SuperDiff, 2-D, {args.steps} steps, {args.samples} samples, {args.seeds} seeds (mean)\n",
               "| combination | estimator | measure | value |", "|---|---|---|---|"]
     for estimator in ("ito", "kernel"):
         for prior in ((0.5, 0.5), (0.8, 0.2)):
-            share = sum(or_share(run_superdiff(OR_MODELS, "or", args.steps, args.particles, prior, estimator, s))
+            share = sum(or_share(run_superdiff(OR_MODELS, "or", args.steps, args.samples, prior, estimator, s))
                         for s in seeds) / args.seeds
             lines.append(f"| OR, prior weights {prior} | {estimator} | share of samples on model 1 | {share:.3f} |")
         progress.update(1)
         for mode in ("and", "average"):
-            share = sum(and_share(run_superdiff(AND_MODELS, mode, args.steps, args.particles, None, estimator, s))
+            share = sum(and_share(run_superdiff(AND_MODELS, mode, args.steps, args.samples, None, estimator, s))
                         for s in seeds) / args.seeds
             label = "AND" if mode == "and" else "baseline: kappa fixed at 0.5"
             lines.append(f"| {label} | {estimator} | share with densities within a factor e | {share:.3f} |")
             progress.update(1)
-    scatter_figure(args.steps, args.particles, args.out.with_suffix(".png"))
+    scatter_figure(args.steps, args.samples, args.out.with_suffix(".png"))
     progress.update(1)
     digits_png = args.out.with_name(args.out.stem + "-digits-and.png")
     lines += ["", f"### SuperDiff AND of two digit classes on digits-ddpm ({args.digit_steps} steps, "
@@ -335,9 +367,13 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
     start = time.time()
     lines = []
     extra = 0 if args.fkc_only else 10
-    with tqdm(total=len(FKC_CASES) * args.seeds * len(args.dims) + extra, desc="composition", unit="run") as progress:
+    sweep = 2 * len(args.particle_sweep) * args.seeds
+    total = len(FKC_CASES) * args.seeds * len(args.dims) + sweep + extra
+    with tqdm(total=total, desc="composition", unit="run") as progress:
         for dim in args.dims:
             lines += fkc_table(dim, args, progress)
+        if args.particle_sweep:
+            lines += particle_sweep_table(args, progress)
         if not args.fkc_only:
             lines += density_and_superdiff_tables(args, progress)
     table = "\n".join(lines)
