@@ -352,6 +352,7 @@ def train_fdistill_lowdim(
     stop_after: int | None = None,
     progress: bool = True,
     log_every: int = 100,
+    init_generator: OneStepGenerator | None = None,
 ) -> FDistillRun:
     """Distill a one-step generator of ``mixture`` with f-distill.
 
@@ -366,11 +367,16 @@ def train_fdistill_lowdim(
         stop_after: stop after this iteration, as if killed (for resume tests).
         progress: show a tqdm bar.
         log_every: keep the iteration statistics every this many iterations in ``history``.
+        init_generator: start the generator (and its EMA) from these weights instead of the teacher
+            copy (a warm start from an earlier one-step generator of the same architecture).
     """
     teacher = teacher or exact_teacher(mixture, schedule, teacher_net.prediction_type)
     teacher_net = copy.deepcopy(teacher_net).eval().requires_grad_(False)
     problem = LowDimProblem(mixture, schedule, teacher, teacher_net)
     state = build_state(config, problem)
+    if init_generator is not None:
+        state.generator.load_state_dict(init_generator.state_dict())
+        state.ema.model.load_state_dict(init_generator.state_dict())
     ckpt = resolve_checkpoint(output_dir, resume_from)
     if ckpt is not None:
         state.load_state_dict(torch.load(ckpt / "state.pt", weights_only=False)["state"])

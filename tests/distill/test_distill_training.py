@@ -77,3 +77,15 @@ def test_teacher_features_option_runs(mixture, teacher_net):
                             head_features="teacher")
     run = train_fdistill_lowdim(config, mixture, SCHEDULE, teacher_net, progress=False, log_every=2)
     assert run.state.step == 4 and torch.isfinite(_flat(run)).all()
+
+
+def test_warm_start_from_another_generator(mixture, teacher_net):
+    config = FDistillConfig(divergence="kl", max_train_steps=6, batch_size=64, critic_updates=2, seed=0)
+    donor = train_fdistill_lowdim(config, mixture, SCHEDULE, teacher_net, progress=False).ema_generator
+    fresh = train_fdistill_lowdim(config, mixture, SCHEDULE, teacher_net, stop_after=0, progress=False)
+    warm = train_fdistill_lowdim(config, mixture, SCHEDULE, teacher_net, stop_after=0, progress=False,
+                                 init_generator=donor)
+    z = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(warm.generator(z), donor(z)) and torch.equal(warm.ema_generator(z), donor(z))
+        assert not torch.allclose(fresh.generator(z), donor(z))
