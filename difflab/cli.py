@@ -23,13 +23,15 @@ BENCHMARKS = {
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from .benchmarks.report import run_benchmark
+
     bench = sub.add_parser("bench", help="run a benchmark and write its table under docs/benchmarks/")
     which = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     for name, (module_name, help_text) in BENCHMARKS.items():
         module = importlib.import_module(module_name)
         parser = which.add_parser(name, help=help_text, description=module.__doc__.split("\n")[0])
         module.add_arguments(parser)
-        parser.set_defaults(func=lambda args, module=module: module.run(args, sys.argv[3:]))
+        parser.set_defaults(func=lambda args, module=module: run_benchmark(module.run, args, sys.argv[3:]))
 
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:

@@ -46,12 +46,13 @@ def test_import_without_torchvision():
 
 def test_bench_stability_and_lml_smoke(tmp_path, capsys):
     main(["bench", "stability", "--digits-per-class", "0", "--scales", "10", "--steps", "8", "--mixture-dims", "2",
-          "--num-samples", "64", "--out", str(tmp_path / "stability.md")])
+          "--num-samples", "64", "--out", str(tmp_path / "new" / "stability.md")])  # the folder is created
     main(["bench", "lml", "--digits-models", "--mixture-dims", "4", "--num-samples", "32", "--out", str(tmp_path / "lml.md")])
     out = capsys.readouterr().out
-    assert "| 10 | 8 |" in out and "PLMS-4 + HB 0.8" in out
+    assert "| 10 | 8 |" in out and "PLMS-4 + HB 0.8" in out and "Reference, reference (DPM-Solver++ 2M" in out
     assert "scale-free lambda 3, kappa 0.2" in out and "not measured" in out
-    assert "Command:" in (tmp_path / "stability.md").read_text()
+    assert "Command:" in (tmp_path / "new" / "stability.md").read_text()
+    assert (tmp_path / "new" / "stability.png").is_file()
 
 
 def test_get_scheduler_by_name_for_vp_and_flow_configs():

@@ -165,9 +165,9 @@ def recovery_table(args: argparse.Namespace, mixture: GaussianMixture, schedule:
         with tempfile.TemporaryDirectory() as tmp:
             for c in checkpoints:  # one run, continued from its own checkpoint at each third
                 config.max_train_steps = c
-                run = train_fdistill_lowdim(config, mixture, schedule, teacher_net, output_dir=tmp, resume_from="latest",
-                                            init_generator=start, progress=False)
-                cells.append(dropped(run.ema_generator))
+                result = train_fdistill_lowdim(config, mixture, schedule, teacher_net, output_dir=tmp,
+                                               resume_from="latest", init_generator=start, progress=False)
+                cells.append(dropped(result.ema_generator))
         lines.append(f"| {divergence} | " + " | ".join(cells) + " |")
     return lines
 

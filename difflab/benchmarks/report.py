@@ -35,8 +35,16 @@ def publish(out: Path, title: str, script: str, argv: list[str] | None, seconds:
     return table
 
 
+def run_benchmark(run: Callable, args: argparse.Namespace, argv: list[str] | None):
+    """Run a benchmark after creating the folder of its ``--out`` page (its pictures are written first)."""
+    out = getattr(args, "out", None)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return run(args, argv)
+
+
 def bench_main(doc: str, add_arguments: Callable, run: Callable, argv: list[str] | None = None) -> None:
     """``main`` of a benchmark module: parse its arguments and run it."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     add_arguments(parser)
-    run(parser.parse_args(argv), argv)
+    run_benchmark(run, parser.parse_args(argv), argv)
