@@ -279,28 +279,32 @@ def digits_and(steps: int, num_images: int, png: Path) -> list[str]:
     return lines
 
 
+def resampling_rule(args: argparse.Namespace) -> str:
+    return "every step" if args.ess_threshold is None else f"when ESS/K < {args.ess_threshold:g}"
+
+
+def seed_runs(name: str, dim: int, num_particles: int, args: argparse.Namespace, progress: tqdm) -> str:
+    """Table cells of one FKC case over ``args.seeds`` seeds: mean baseline, mean FKC, reduction, the
+    per-seed FKC / baseline ratios and the exact-vs-exact floor."""
+    runs = []
+    for seed in range(args.seeds):
+        runs.append(fkc_energy(name, dim, args.steps, num_particles, seed, args.ess_threshold))
+        progress.update(1)
+    base, fkc, floor = (sum(r[j] for r in runs) / len(runs) for j in range(3))
+    per_seed = ", ".join(f"{r[1] / r[0]:.2f}" for r in runs)
+    return f"{base:.4f} | {fkc:.4f} | {1 - fkc / base:.0%} | {per_seed} | {floor:.4f}"
+
+
 def fkc_table(dim: int, args: argparse.Namespace, progress: tqdm) -> list[str]:
     """Rows of the FKC table for one dimension (mean over seeds, and the per-seed ratios)."""
-    when = "every step" if args.ess_threshold is None else f"when ESS/K < {args.ess_threshold:g}"
-    lines = [f"### FKC, {dim}-D mixtures, {args.steps} steps, {args.particles} particles, resampling {when}, "
-             f"{args.seeds} seeds (mean)\n",
+    lines = [f"### FKC, {dim}-D mixtures, {args.steps} steps, {args.particles} particles, resampling "
+             f"{resampling_rule(args)}, {args.seeds} seeds (mean)\n",
              "| target | baseline energy distance | FKC energy distance | reduction | FKC / baseline per seed | "
              "exact-vs-exact floor |",
              "|---|---|---|---|---|---|"]
     for name in FKC_CASES:
-        runs = []
-        for seed in range(args.seeds):
-            runs.append(fkc_energy(name, dim, args.steps, args.particles, seed, args.ess_threshold))
-            progress.update(1)
-        lines.append(f"| {fkc_case(name, 2).target.name} | {summary_cells(runs)} |")
+        lines.append(f"| {fkc_case(name, 2).target.name} | {seed_runs(name, dim, args.particles, args, progress)} |")
     return lines + [""]
-
-
-def summary_cells(runs: list[tuple[float, float, float]]) -> str:
-    """Mean baseline, mean FKC, reduction, per-seed ratios and floor of (baseline, FKC, floor) runs."""
-    base, fkc, floor = (sum(r[j] for r in runs) / len(runs) for j in range(3))
-    per_seed = ", ".join(f"{r[1] / r[0]:.2f}" for r in runs)
-    return f"{base:.4f} | {fkc:.4f} | {1 - fkc / base:.0%} | {per_seed} | {floor:.4f}"
 
 
 def particle_sweep_table(args: argparse.Namespace, progress: tqdm) -> list[str]:
@@ -309,19 +313,14 @@ def particle_sweep_table(args: argparse.Namespace, progress: tqdm) -> list[str]:
     SMC is consistent as the number of particles grows; with few particles a handful of heavily
     weighted particles decide the mode weights, which is where the per-seed spread comes from.
     """
-    when = "every step" if args.ess_threshold is None else f"when ESS/K < {args.ess_threshold:g}"
-    lines = [f"### FKC annealing in 8-D against the number of particles ({args.steps} steps, resampling {when}, "
-             f"{args.seeds} seeds)\n",
+    lines = [f"### FKC annealing in 8-D against the number of particles ({args.steps} steps, resampling "
+             f"{resampling_rule(args)}, {args.seeds} seeds)\n",
              "| target | particles | baseline energy distance | FKC energy distance | reduction | "
              "FKC / baseline per seed | exact-vs-exact floor |",
              "|---|---|---|---|---|---|---|"]
     for name in ("anneal2", "anneal3"):
         for count in args.particle_sweep:
-            runs = []
-            for seed in range(args.seeds):
-                runs.append(fkc_energy(name, 8, args.steps, count, seed, args.ess_threshold))
-                progress.update(1)
-            lines.append(f"| {fkc_case(name, 2).target.name} | {count} | {summary_cells(runs)} |")
+            lines.append(f"| {fkc_case(name, 2).target.name} | {count} | {seed_runs(name, 8, count, args, progress)} |")
     return lines + [""]
 
 
