@@ -96,6 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recovery-drop", type=int, nargs="*", default=[2],
                         help="modes missing from the warm-start generator of the recovery table (none: skip it)")
     parser.add_argument("--recovery-divergences", nargs="+", default=["rkl", "js", "kl"])
+    parser.add_argument("--recovery-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/distill.md"))
 
 
@@ -145,7 +146,6 @@ def recovery_table(args: argparse.Namespace, mixture: GaussianMixture, schedule:
     keep = [k for k in range(mixture.n_components) if k not in drop]
     partial = GaussianMixture(mixture.means[keep], mixture.variances[keep], mixture.weights[keep])
     partial_net = fit_mlp_teacher(partial, schedule, "epsilon", steps=args.teacher_steps, seed=0, progress=False)
-    start = train_fdistill_lowdim(_config(args, "rkl", 0), partial, schedule, partial_net).ema_generator
     checkpoints = [args.steps // 3, 2 * args.steps // 3, args.steps]
 
     def dropped(generator: torch.nn.Module) -> str:
@@ -155,20 +155,23 @@ def recovery_table(args: argparse.Namespace, mixture: GaussianMixture, schedule:
     names = " and ".join(str(k) for k in drop)
     lines = [f"### Mode recovery: every divergence starts from a generator distilled without mode {names}\n",
              "Cells: share / true weight of the dropped mode(s) among on-mode samples (1 = right weight), and the "
-             "mode-weight TV of all 8 modes.\n",
-             "| divergence | start | " + " | ".join(f"after {c} iterations" for c in checkpoints) + " |",
-             "|---|---|" + "---|" * len(checkpoints)]
-    for divergence in tqdm(args.recovery_divergences, desc="recovery runs", unit="run"):
-        cells = [dropped(start)]
-        config = _config(args, divergence, 0)
-        config.checkpointing_steps = checkpoints[0]
-        with tempfile.TemporaryDirectory() as tmp:
-            for c in checkpoints:  # one run, continued from its own checkpoint at each third
-                config.max_train_steps = c
-                result = train_fdistill_lowdim(config, mixture, schedule, teacher_net, output_dir=tmp,
-                                               resume_from="latest", init_generator=start, progress=False)
-                cells.append(dropped(result.ema_generator))
-        lines.append(f"| {divergence} | " + " | ".join(cells) + " |")
+             "mode-weight TV of all 8 modes. The seed is that of the starting generator's run and of every run "
+             "after it.\n",
+             "| seed | divergence | start | " + " | ".join(f"after {c} iterations" for c in checkpoints) + " |",
+             "|---|---|---|" + "---|" * len(checkpoints)]
+    for seed in args.recovery_seeds:
+        start = train_fdistill_lowdim(_config(args, "rkl", seed), partial, schedule, partial_net).ema_generator
+        for divergence in tqdm(args.recovery_divergences, desc=f"recovery runs, seed {seed}", unit="run"):
+            cells = [dropped(start)]
+            config = _config(args, divergence, seed)
+            config.checkpointing_steps = checkpoints[0]
+            with tempfile.TemporaryDirectory() as tmp:
+                for c in checkpoints:  # one run, continued from its own checkpoint at each third
+                    config.max_train_steps = c
+                    result = train_fdistill_lowdim(config, mixture, schedule, teacher_net, output_dir=tmp,
+                                                   resume_from="latest", init_generator=start, progress=False)
+                    cells.append(dropped(result.ema_generator))
+            lines.append(f"| {seed} | {divergence} | " + " | ".join(cells) + " |")
     return lines
 
 
