@@ -5,11 +5,15 @@ busy process on a 2-core machine, multi-threaded tiny ops spin-wait for millisec
 """
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 # Before numpy loads: one BLAS thread (the 2048-d eigendecompositions of FID spin-wait otherwise).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,10 +27,6 @@ def _accelerate_launch(launch_args: list[str], script_args: list[str], timeout: 
     Tried twice, each with a fresh port: on this 2-core machine a gloo rendezvous has hung or failed
     about once in ten runs under heavy load; a real error fails both tries.
     """
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from difflab.benchmarks.fid import free_port
 
     root = str(Path(__file__).resolve().parents[1])
@@ -43,9 +43,6 @@ def _accelerate_launch(launch_args: list[str], script_args: list[str], timeout: 
         if proc.returncode == 0:
             break
     return proc
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture
