@@ -10,7 +10,7 @@ Over a step k -> k+1 with scores at the *start* of the step and dx = x_{k+1} - x
     dlog q^i = -<dx, eps_i>/sigma_k + dlog(alpha) <x_k, eps_i>/sigma_k - dlambda ||eps_i||^2 - d dlog(alpha).
 
 This is the theory's form (``estimator="ito"``). Its error is first order in the step size and
-accumulates (about 1 nat over 200 steps in 16-D); the default ``estimator="kernel"`` uses the
+accumulates (1.1 nats on average over 200 steps in 16-D); the default ``estimator="kernel"`` uses the
 discrete chain's identity q_{k+1}(x') = q_k(x) q(x' | x) / q_fwd(x | x') with model i's ancestral
 Gaussian step as q(x' | x), which tends to the Ito form as steps shrink and is several times more
 accurate at the same steps. The reference code's OR branch has the opposite sign on the quadratic
@@ -194,7 +194,7 @@ def superdiff_sample(
         estimator: ``"kernel"`` (default: log-ratio of the chain's Gaussian kernels) or ``"ito"``
             (the theory's left-point Ito form). Both use start-of-step predictions and the pre-drawn
             noise; on a 16-D mixture with 200 ancestral steps the kernel form tracks the exact
-            log q_t to 0.16 nats on average, the left-point form drifts by about 1 nat (its error is
+            log q_t to 0.16 nats on average, the left-point form is off by 1.1 nats (its error is
             first order in the step size; docs/benchmarks/composition.md).
         particles: optional particle system; its holders are re-indexed together with the
             SuperDiff state when it resamples.
