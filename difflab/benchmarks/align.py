@@ -25,8 +25,16 @@ learning-rate grid (in the tables); each is reported at its best learning rate (
 threshold). Because the grid runs are evaluated every 3 rounds (192 samples), the best AWM and DDPO
 runs of each model are re-run with ``--resolve`` for three seeds and evaluated after every round (64
 samples) until they reach the threshold; the mean over seeds is the headline ratio (the grid itself
-runs one seed, 0). "awm KL b" rows are AWM with a larger KL
-weight (the FD check).
+runs one seed, 0). "awm KL b" rows are AWM with a larger KL weight.
+
+*No-collapse check* (``--fd_check_rounds``): AWM with the page's KL weight at ``--fd_check_lr``, trained
+longer than the grid and for three seeds, with FD-digits to the real class digits every
+``--fd_check_every`` rounds. On-policy fine-tuning narrows the samples to a few styles of the target digit
+while the reward climbs, and the KL and EMA terms pull the other way, so FD moves a lot from one
+checkpoint to the next; the table shows the whole curve, not a chosen point. Two references: the base
+model's class-conditional samples (what "stays digits" is measured against) and the base model's
+unconditional samples that the classifier labels as the target (the KL-regularized optimum of a
+target-class reward on this base would look like these).
 
 The 2-D case: the ring of 8 unequal modes (``difflab.models.gmm.unequal_ring``), an MLP fitted to the
 exact eps-denoiser as the base model, the reward a soft disk of radius 0.3 on the lightest mode. The
@@ -61,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Extra AWM KL weights, at --kl_sweep_lr, --kl_sweep_rounds rounds (FD check).")
     parser.add_argument("--kl_sweep_lr", type=float, default=1e-4)
     parser.add_argument("--kl_sweep_rounds", type=int, default=45)
+    parser.add_argument("--fd_check_rounds", type=int, default=60,
+                        help="Rounds of the no-collapse runs (AWM, --awm_kl, --fd_check_lr; 0: none).")
+    parser.add_argument("--fd_check_lr", type=float, default=1e-4)
+    parser.add_argument("--fd_check_seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--fd_check_every", type=int, default=5, help="Evaluate the no-collapse runs every N rounds.")
     parser.add_argument("--mixture_lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3])
     parser.add_argument("--resolve_seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="Seeds of the --resolve runs.")
@@ -132,6 +145,55 @@ def base_class_fd(model: str, target_class: int, n: int = 256) -> float:
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
+
+
+def base_unconditional_target_fd(model: str, target_class: int, n: int = 256, pool: int = 4000) -> tuple[float, int]:
+    """FD-digits to the real class digits of the base model's UNCONDITIONAL samples that the classifier labels
+    ``target_class`` (the first ``n`` of ``pool`` samples), and how many of the pool it labels so."""
+    from ..distill.aligner import digits_problem, policy_samples
+    from ..distill.rewards import DigitsClassReward
+    from ..eval.digits import classifier_outputs, fd_to_class
+
+    problem = digits_problem(model, DigitsClassReward(target_class), None)
+    x = policy_samples(problem, problem.net, pool, 10)
+    _, predicted = classifier_outputs(x)
+    hits = x[torch.as_tensor(predicted) == target_class]
+    return fd_to_class(hits[:n], target_class), len(hits)
+
+
+def fd_check_lines(checks: list[dict], model: str, target_class: int, base_fd: float) -> list[str]:
+    """The no-collapse table: FD-digits to the real class digits along each seed's run, and the verdict."""
+    if not checks:
+        return []
+    checks = sorted(checks, key=lambda r: r["seed"])
+    rounds = [round(e["samples"] / 64) for e in checks[0]["history"]]
+    ideal, hits = base_unconditional_target_fd(model, target_class)
+    first = checks[0]
+    lines = [f"**No-collapse check, {model}**: AWM lr {first['lr']:g}, KL {first['kl']:g}, {first['rounds']} rounds, "
+             f"seeds {[r['seed'] for r in checks]}. FD-digits to the real class-{target_class} digits after each "
+             f"evaluated round (and the final reward / class share). References: base model's class-conditional "
+             f"samples {base_fd:.1f} (2x = {2 * base_fd:.1f}); base model's unconditional samples labelled "
+             f"{target_class} ({hits} of 4000) {ideal:.1f}.", "",
+             "| seed | " + " | ".join(f"round {k}" for k in rounds) + " | final reward | final class share |",
+             "|---|" + "---|" * (len(rounds) + 2)]
+    for r in checks:
+        h = r["history"]
+        lines.append(f"| {r['seed']} | " + " | ".join(f"{e['fd_to_class']:.0f}" for e in h)
+                     + f" | {h[-1]['eval_reward']:.3f} | {h[-1]['eval_class_share']:.3f} |")
+    finals = [r["history"][-1]["fd_to_class"] for r in checks]
+    late = [_late_mean([e["fd_to_class"] for e in r["history"]]) for r in checks]
+    mean, late_mean = sum(finals) / len(finals), sum(late) / len(late)
+    lines += ["", f"Final FD-digits: mean {mean:.1f} = **{mean / base_fd:.2f}x** the base model's class-conditional "
+              f"samples (seeds: {', '.join(f'{f / base_fd:.2f}x' for f in finals)}). Averaged over the evaluations "
+              f"of the last third of each run (one checkpoint is noisy at 256 samples): {late_mean:.1f} = "
+              f"**{late_mean / base_fd:.2f}x** (seeds: {', '.join(f'{f / base_fd:.2f}x' for f in late)}).", ""]
+    return lines
+
+
+def _late_mean(values: list[float]) -> float:
+    """Mean of the last third of an evaluation curve (at least the last value)."""
+    tail = values[-max(1, len(values) // 3):]
+    return sum(tail) / len(tail)
 
 
 def samples_to(history: list[dict], level: float) -> int | None:
@@ -259,7 +321,8 @@ def grids_figure(results: list[dict], png: Path) -> None:
     for r in results:
         if "grid" in r:
             rows.append(torch.tensor(r["grid"], dtype=torch.float32) / 255)
-            labels.append(f"{r['model']} {r['method']} lr {r['lr']:g} KL {r['kl']:g} {r['reward']}")
+            check = f" seed {r['seed']}, no-collapse check" if r.get("fd_check") else ""
+            labels.append(f"{r['model']} {r['method']} lr {r['lr']:g} KL {r['kl']:g} {r['reward']}{check}")
     if rows:
         make_grid(torch.cat(rows), nrow=16).save(png)
         png.with_suffix(".txt").write_text("rows, top to bottom:\n" + "\n".join(labels) + "\n")
@@ -267,7 +330,8 @@ def grids_figure(results: list[dict], png: Path) -> None:
 
 def job_key(job: dict) -> tuple:
     kl = job["kl"] if job["method"] == "awm" else 0
-    return job["model"], job["method"], job["lr"], job["reward"], job["rounds"], kl, job.get("stop_at"), job.get("seed", 0)
+    return (job["model"], job["method"], job["lr"], job["reward"], job["rounds"], kl, job.get("stop_at"),
+            job.get("seed", 0), job.get("fd_check", False))
 
 
 def build_jobs(args: argparse.Namespace) -> list[dict]:
@@ -285,6 +349,9 @@ def build_jobs(args: argparse.Namespace) -> list[dict]:
                 add(model, method, lr, cls, rounds)
         for kl in args.awm_kl_sweep:
             add(model, "awm", args.kl_sweep_lr, cls, args.kl_sweep_rounds, kl)
+        for seed in args.fd_check_seeds if args.fd_check_rounds else ():
+            add(model, "awm", args.fd_check_lr, cls, args.fd_check_rounds)
+            jobs[-1].update(seed=seed, eval_every=args.fd_check_every, fd_check=True)
     if args.ink:
         add(args.models[0], "awm", 3e-5, "ink", args.awm_rounds)
         add(args.models[0], "ddpo", 3e-4, "ink", args.ddpo_rounds)
@@ -358,26 +425,30 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
         fresh = pool.map(run_job, todo, chunksize=1)
     results = [r for r in done if job_key(r) in {job_key(j) for j in jobs}] + fresh
     if args.resolve:
-        results += resolution_runs(results, done, args)
+        results += resolution_runs([r for r in results if not r.get("fd_check")], done, args)
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text(json.dumps([{k: v for k, v in r.items() if k != "points"} for r in results]))
-    return report(results, args, argv, time.time() - start)
+    return report(results, args, argv, start)
 
 
-def report(results: list[dict], args: argparse.Namespace, argv: list[str] | None, seconds: float) -> str:
+def report(results: list[dict], args: argparse.Namespace, argv: list[str] | None, start: float) -> str:
+    """Write the page; its wall time counts from ``start`` to the end of the report (the references take a while)."""
     png = args.out.with_suffix(".png")
     resolution = [r for r in results if "stop_at" in r]
-    results = [r for r in results if "stop_at" not in r]
+    checks = [r for r in results if r.get("fd_check")]
+    results = [r for r in results if "stop_at" not in r and not r.get("fd_check")]
     digits = [r for r in results if r["model"] != "mixture"]
     curves_figure(results, png, args.awm_kl)
     mixture_figure(results, args.out.with_name(args.out.stem + "-mixture.png"))
-    grids_figure(digits, args.out.with_name(args.out.stem + "-samples.png"))
+    grids_figure(digits + checks, args.out.with_name(args.out.stem + "-samples.png"))
     body = []
     for model, reward in sorted({(r["model"], r["reward"]) for r in digits}):
         rows, info = reward_table(results, model, reward, args.awm_kl)
         base = base_class_fd(model, args.target_class) if reward.startswith("class") else None
         precise = resolution_lines(resolution, model, args.awm_kl) if reward.startswith("class") else []
         body += [headline(model, reward, info, base), "", *precise, *rows, ""]
+        if base is not None:
+            body += fd_check_lines([r for r in checks if r["model"] == model], model, args.target_class, base)
     mixture = [r for r in results if r["model"] == "mixture"]
     if mixture:
         awm_final = max(r["history"][-1]["eval_reward"] for r in mixture if r["method"] == "awm")
@@ -396,14 +467,14 @@ def report(results: list[dict], args: argparse.Namespace, argv: list[str] | None
                         f"{h[-1]['inside_share']:.3f} | {h[-1]['energy_to_target']:.4f} | "
                         f"{_fmt(samples_to(h, level), h[-1]['samples'])} | {r['seconds']:.0f} |")
         body.append("")
-    total = sum(r["seconds"] for r in results + resolution)
-    body.append(f"Runs: {len(results)} grid runs and {len(resolution)} resolution runs, {total / 60:.0f} minutes of "
+    total = sum(r["seconds"] for r in results + resolution + checks)
+    body.append(f"Runs: {len(results)} grid runs, {len(resolution)} resolution runs and {len(checks)} no-collapse runs, {total / 60:.0f} minutes of "
                 "training in all (one thread per run, two runs in parallel)"
                 + (f"; with --reuse the runs already in {args.out.stem}.json were kept, so the wall time above is only "
                    "this invocation's; without --reuse the same command re-runs everything." if args.reuse else "."))
     body.append(f"2-D samples: {args.out.stem}-mixture.png. Samples of the final digits policies: {args.out.stem}-samples.png (16 per run, rows listed in "
                 f"{args.out.stem}-samples.txt). Raw histories: {args.out.stem}.json.")
-    return publish(args.out, "Alignment: AWM against a DDPO-style baseline", "align", argv, seconds, __doc__,
+    return publish(args.out, "Alignment: AWM against a DDPO-style baseline", "align", argv, time.time() - start, __doc__,
                    "\n".join(body), picture=png.name)
 
 
