@@ -339,9 +339,9 @@ def build_jobs(args: argparse.Namespace) -> list[dict]:
     jobs = []
     cls = f"class:{args.target_class}"
 
-    def add(model, method, lr, reward, rounds, kl=args.awm_kl):
+    def add(model, method, lr, reward, rounds, kl=args.awm_kl, **extra):
         jobs.append({"model": model, "method": method, "lr": lr, "reward": reward, "rounds": rounds, "kl": kl,
-                     "eval_every": args.eval_every, "target_class": args.target_class})
+                     "eval_every": args.eval_every, "target_class": args.target_class, **extra})
 
     for model in args.models:
         for method, rounds in (("awm", args.awm_rounds), ("ddpo", args.ddpo_rounds)):
@@ -350,8 +350,8 @@ def build_jobs(args: argparse.Namespace) -> list[dict]:
         for kl in args.awm_kl_sweep:
             add(model, "awm", args.kl_sweep_lr, cls, args.kl_sweep_rounds, kl)
         for seed in args.fd_check_seeds if args.fd_check_rounds else ():
-            add(model, "awm", args.fd_check_lr, cls, args.fd_check_rounds)
-            jobs[-1].update(seed=seed, eval_every=args.fd_check_every, fd_check=True)
+            add(model, "awm", args.fd_check_lr, cls, args.fd_check_rounds, seed=seed, eval_every=args.fd_check_every,
+                fd_check=True)
     if args.ink:
         add(args.models[0], "awm", 3e-5, "ink", args.awm_rounds)
         add(args.models[0], "ddpo", 3e-4, "ink", args.ddpo_rounds)
