@@ -56,6 +56,7 @@ import torch
 from .report import bench_main, publish
 
 LEARNING_RATES = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]  # the same grid for both methods
+UNCONDITIONAL_POOL = 4000  # base-model samples drawn for the unconditional reference of the no-collapse check
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,7 +148,8 @@ def base_class_fd(model: str, target_class: int, n: int = 256) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def base_unconditional_target_fd(model: str, target_class: int, n: int = 256, pool: int = 4000) -> tuple[float, int]:
+def base_unconditional_target_fd(model: str, target_class: int, n: int = 256,
+                                 pool: int = UNCONDITIONAL_POOL) -> tuple[float, int]:
     """FD-digits to the real class digits of the base model's UNCONDITIONAL samples that the classifier labels
     ``target_class`` (the first ``n`` of ``pool`` samples), and how many of the pool it labels so."""
     from ..distill.aligner import digits_problem, policy_samples
@@ -173,7 +175,7 @@ def fd_check_lines(checks: list[dict], model: str, target_class: int, base_fd: f
              f"seeds {[r['seed'] for r in checks]}. FD-digits to the real class-{target_class} digits after each "
              f"evaluated round (and the final reward / class share). References: base model's class-conditional "
              f"samples {base_fd:.1f} (2x = {2 * base_fd:.1f}); base model's unconditional samples labelled "
-             f"{target_class} ({hits} of 4000) {ideal:.1f}.", "",
+             f"{target_class} ({hits} of {UNCONDITIONAL_POOL}) {ideal:.1f}.", "",
              "| seed | " + " | ".join(f"round {k}" for k in rounds) + " | final reward | final class share |",
              "|---|" + "---|" * (len(rounds) + 2)]
     for r in checks:
