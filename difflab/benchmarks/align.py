@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .report import bench_main, publish
 
@@ -131,6 +132,12 @@ def run_job(job: dict) -> dict:
     print(f"done {job['model']} {job['method']} lr {job['lr']:g} {job['reward']}: final {history[-1]} "
           f"({result['seconds']:.0f} s)", flush=True)
     return result
+
+
+def run_jobs(jobs: list[dict], workers: int) -> list[dict]:
+    """Run ``jobs`` in ``workers`` spawned processes, in order, with a progress bar over finished runs."""
+    with mp.get_context("spawn").Pool(workers) as pool:
+        return list(tqdm(pool.imap(run_job, jobs, chunksize=1), total=len(jobs), desc="align runs", unit="run"))
 
 
 def base_class_fd(model: str, target_class: int, n: int = 256) -> float:
@@ -385,8 +392,7 @@ def resolution_runs(results: list[dict], done: list[dict], args: argparse.Namesp
                                  "eval_every": 1, "stop_at": round(info["level"], 6), "seed": seed})
     have = {job_key(r): r for r in done if "stop_at" in r}
     todo = [j for j in jobs if job_key(j) not in have]
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        fresh = pool.map(run_job, todo, chunksize=1)
+    fresh = run_jobs(todo, args.workers)
     return [have[job_key(j)] for j in jobs if job_key(j) in have] + fresh
 
 
@@ -423,8 +429,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
     todo = [j for j in jobs if job_key(j) not in have]
     todo.sort(key=lambda j: -j["rounds"] * (2 if j["model"] != "mixture" else 0.1))
     print(f"{len(todo)} runs to do, {len(jobs) - len(todo)} reused from {raw}", flush=True)
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        fresh = pool.map(run_job, todo, chunksize=1)
+    fresh = run_jobs(todo, args.workers)
     results = [r for r in done if job_key(r) in {job_key(j) for j in jobs}] + fresh
     if args.resolve:
         results += resolution_runs([r for r in results if not r.get("fd_check")], done, args)
