@@ -31,10 +31,11 @@ runs one seed, 0). "awm KL b" rows are AWM with a larger KL weight.
 longer than the grid and for three seeds, with FD-digits to the real class digits every
 ``--fd_check_every`` rounds. On-policy fine-tuning narrows the samples to a few styles of the target digit
 while the reward climbs, and the KL and EMA terms pull the other way, so FD moves a lot from one
-checkpoint to the next; the table shows the whole curve, not a chosen point. Two references: the base
-model's class-conditional samples (what "stays digits" is measured against) and the base model's
+checkpoint to the next; the table shows the whole curve, not a chosen point. Three references: the base
+model's class-conditional samples (what "stays digits" is measured against), the base model's
 unconditional samples that the classifier labels as the target (the KL-regularized optimum of a
-target-class reward on this base would look like these).
+target-class reward on this base would look like these), and the 256 of those unconditional samples the
+classifier is most sure of (the best targets the base model draws without a label, by the reward itself).
 
 The 2-D case: the ring of 8 unequal modes (``difflab.models.gmm.unequal_ring``), an MLP fitted to the
 exact eps-denoiser as the base model, the reward a soft disk of radius 0.3 on the lightest mode. The
@@ -155,10 +156,15 @@ def base_class_fd(model: str, target_class: int, n: int = 256) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def base_unconditional_target_fd(model: str, target_class: int, n: int = 256,
-                                 pool: int = UNCONDITIONAL_POOL) -> tuple[float, int]:
-    """FD-digits to the real class digits of the base model's UNCONDITIONAL samples that the classifier labels
-    ``target_class`` (the first ``n`` of ``pool`` samples), and how many of the pool it labels so."""
+def base_unconditional_references(model: str, target_class: int, n: int = 256,
+                                  pool: int = UNCONDITIONAL_POOL) -> dict:
+    """FD-digits to the real class digits of two selections of the base model's UNCONDITIONAL samples.
+
+    ``labelled``: the first ``n`` of ``pool`` samples that the classifier labels ``target_class``
+    (``hits`` of the pool are labelled so); ``confident``: the ``n`` samples of the pool with the highest
+    probability of ``target_class`` (the lowest of them is ``confident_min_p``), i.e. the best "3"s the base
+    model draws without a label, by the reward's own measure.
+    """
     from ..distill.aligner import digits_problem, policy_samples
     from ..distill.rewards import DigitsClassReward
     from ..eval.digits import classifier_outputs, fd_to_class
@@ -167,7 +173,10 @@ def base_unconditional_target_fd(model: str, target_class: int, n: int = 256,
     x = policy_samples(problem, problem.net, pool, 10)
     _, predicted = classifier_outputs(x)
     hits = x[torch.as_tensor(predicted) == target_class]
-    return fd_to_class(hits[:n], target_class), len(hits)
+    probability = problem.reward(x, None).double()
+    top = probability.argsort(descending=True)[:n]
+    return {"labelled": fd_to_class(hits[:n], target_class), "hits": len(hits),
+            "confident": fd_to_class(x[top], target_class), "confident_min_p": probability[top[-1]].item()}
 
 
 def fd_check_lines(checks: list[dict], model: str, target_class: int, base_fd: float) -> list[str]:
@@ -176,13 +185,15 @@ def fd_check_lines(checks: list[dict], model: str, target_class: int, base_fd: f
         return []
     checks = sorted(checks, key=lambda r: r["seed"])
     rounds = [round(e["samples"] / 64) for e in checks[0]["history"]]
-    ideal, hits = base_unconditional_target_fd(model, target_class)
+    ref = base_unconditional_references(model, target_class)
     first = checks[0]
     lines = [f"**No-collapse check, {model}**: AWM lr {first['lr']:g}, KL {first['kl']:g}, {first['rounds']} rounds, "
              f"seeds {[r['seed'] for r in checks]}. FD-digits to the real class-{target_class} digits after each "
              f"evaluated round (and the final reward / class share). References: base model's class-conditional "
              f"samples {base_fd:.1f} (2x = {2 * base_fd:.1f}); base model's unconditional samples labelled "
-             f"{target_class} ({hits} of {UNCONDITIONAL_POOL}) {ideal:.1f}.", "",
+             f"{target_class} ({ref['hits']} of {UNCONDITIONAL_POOL}) {ref['labelled']:.1f}; the 256 of those "
+             f"{UNCONDITIONAL_POOL} with the highest class-{target_class} probability (all >= "
+             f"{ref['confident_min_p']:.4f}) {ref['confident']:.1f} = {ref['confident'] / base_fd:.2f}x.", "",
              "| seed | " + " | ".join(f"round {k}" for k in rounds) + " | final reward | final class share |",
              "|---|" + "---|" * (len(rounds) + 2)]
     for r in checks:
