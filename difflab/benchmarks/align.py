@@ -27,11 +27,11 @@ runs of each model are re-run with ``--resolve`` for three seeds and evaluated a
 samples) until they reach the threshold; the mean over seeds is the headline ratio (the grid itself
 runs one seed, 0). "awm KL b" rows are AWM with a larger KL weight.
 
-*No-collapse check* (``--fd_check_rounds``): AWM with the page's KL weight at ``--fd_check_lr``, trained
-longer than the grid and for three seeds, with FD-digits to the real class digits every
-``--fd_check_every`` rounds. On-policy fine-tuning narrows the samples to a few styles of the target digit
-while the reward climbs, and the KL and EMA terms pull the other way, so FD moves a lot from one
-checkpoint to the next; the table shows the whole curve, not a chosen point. Three references: the base
+*No-collapse check* (``--fd_checks``): AWM with the page's KL weight, trained longer than the grid and for
+three seeds, at two learning rates (one table each), with FD-digits to the real class digits along the
+run. On-policy fine-tuning narrows the samples to a few styles of the target digit while the reward
+climbs, and the KL and EMA terms pull the other way, so FD moves a lot from one checkpoint to the next
+(less at the smaller learning rate); the tables show the whole curves, not a chosen point. Three references: the base
 model's class-conditional samples (what "stays digits" is measured against), the base model's
 unconditional samples that the classifier labels as the target (the KL-regularized optimum of a
 target-class reward on this base would look like these), and the 256 of those unconditional samples the
@@ -59,6 +59,19 @@ from .report import bench_main, publish
 
 LEARNING_RATES = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]  # the same grid for both methods
 UNCONDITIONAL_POOL = 4000  # base-model samples drawn for the unconditional reference of the no-collapse check
+FD_CHECKS = ["1e-4:60:5", "3e-5:90:10"]  # no-collapse runs: learning rate : rounds : evaluate every N rounds
+
+
+def fd_check_spec(text: str) -> tuple[float, int, int]:
+    """``LR:ROUNDS:EVERY`` of ``--fd_checks`` as (learning rate, rounds, evaluation interval)."""
+    try:
+        lr, rounds, every = text.split(":")
+        spec = float(lr), int(rounds), int(every)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LR:ROUNDS:EVERY (for example 3e-5:90:10).") from None
+    if spec[0] <= 0 or spec[1] < 1 or spec[2] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the learning rate must be > 0, rounds and EVERY >= 1.")
+    return spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,11 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Extra AWM KL weights, at --kl_sweep_lr, --kl_sweep_rounds rounds (FD check).")
     parser.add_argument("--kl_sweep_lr", type=float, default=1e-4)
     parser.add_argument("--kl_sweep_rounds", type=int, default=45)
-    parser.add_argument("--fd_check_rounds", type=int, default=60,
-                        help="Rounds of the no-collapse runs (AWM, --awm_kl, --fd_check_lr; 0: none).")
-    parser.add_argument("--fd_check_lr", type=float, default=1e-4)
+    parser.add_argument("--fd_checks", type=fd_check_spec, nargs="*", default=FD_CHECKS, metavar="LR:ROUNDS:EVERY",
+                        help="No-collapse runs (AWM, --awm_kl): learning rate, rounds, evaluate every N rounds; "
+                             "one table each (none: skip the check).")
     parser.add_argument("--fd_check_seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--fd_check_every", type=int, default=5, help="Evaluate the no-collapse runs every N rounds.")
     parser.add_argument("--mixture_lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3])
     parser.add_argument("--resolve_seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="Seeds of the --resolve runs.")
@@ -180,12 +192,20 @@ def base_unconditional_references(model: str, target_class: int, n: int = 256,
 
 
 def fd_check_lines(checks: list[dict], model: str, target_class: int, base_fd: float) -> list[str]:
-    """The no-collapse table: FD-digits to the real class digits along each seed's run, and the verdict."""
+    """The no-collapse tables, one per (learning rate, rounds) setting."""
     if not checks:
         return []
+    ref = base_unconditional_references(model, target_class)
+    settings = sorted({(r["lr"], r["rounds"]) for r in checks}, reverse=True)
+    return [line for lr, rounds in settings
+            for line in fd_check_table([r for r in checks if (r["lr"], r["rounds"]) == (lr, rounds)], model,
+                                       target_class, base_fd, ref)]
+
+
+def fd_check_table(checks: list[dict], model: str, target_class: int, base_fd: float, ref: dict) -> list[str]:
+    """One no-collapse table: FD-digits to the real class digits along each seed's run, and the verdict."""
     checks = sorted(checks, key=lambda r: r["seed"])
     rounds = [round(e["samples"] / 64) for e in checks[0]["history"]]
-    ref = base_unconditional_references(model, target_class)
     first = checks[0]
     lines = [f"**No-collapse check, {model}**: AWM lr {first['lr']:g}, KL {first['kl']:g}, {first['rounds']} rounds, "
              f"seeds {[r['seed'] for r in checks]}. FD-digits to the real class-{target_class} digits after each "
@@ -369,9 +389,9 @@ def build_jobs(args: argparse.Namespace) -> list[dict]:
                 add(model, method, lr, cls, rounds)
         for kl in args.awm_kl_sweep:
             add(model, "awm", args.kl_sweep_lr, cls, args.kl_sweep_rounds, kl)
-        for seed in args.fd_check_seeds if args.fd_check_rounds else ():
-            add(model, "awm", args.fd_check_lr, cls, args.fd_check_rounds, seed=seed, eval_every=args.fd_check_every,
-                fd_check=True)
+        for lr, rounds, every in args.fd_checks:
+            for seed in args.fd_check_seeds:
+                add(model, "awm", lr, cls, rounds, seed=seed, eval_every=every, fd_check=True)
     if args.ink:
         add(args.models[0], "awm", 3e-5, "ink", args.awm_rounds)
         add(args.models[0], "ddpo", 3e-4, "ink", args.ddpo_rounds)
