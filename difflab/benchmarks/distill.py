@@ -22,6 +22,13 @@ KL does, so the sharpest test of mode-seeking is a student that starts without a
 is first distilled (rkl, same settings) from the mixture with ``--recovery-drop`` modes removed;
 every divergence then continues from that generator against the full mixture, and the dropped
 modes' share is followed (share / true weight, every third of the run).
+
+*Low noise levels only* (``--low-noise``, rows marked t 1-50): h(r) reweights samples by the ratio of
+the teacher's and the student's NOISED densities. Over DMD2's t range (t 20-979 here, sigma 0.14 to 1.0)
+most levels blur the 8 modes into one broad bump, and there every divergence moves mass between modes
+alike. The low-noise rows repeat the reverse-KL, JS and forward-KL runs of both tables with t drawn only
+from t 1-50 (sigma 0.04 to 0.22; neighbouring modes are 0.61 apart), where the weighting decides how
+mass is shared between modes.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from .report import bench_main, publish
 SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 MODE_STD = 0.08
 COVERED_FRACTION = 0.2
+LOW_NOISE = (0.001, 0.05)  # t = 1 .. 50 of 1000: sigma 0.04 .. 0.22, against modes 0.61 apart with std 0.08
 OFF_MODE_STDS = 3.0
 
 
@@ -97,14 +105,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="modes missing from the warm-start generator of the recovery table (none: skip it)")
     parser.add_argument("--recovery-divergences", nargs="+", default=["rkl", "js", "kl"])
     parser.add_argument("--recovery-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--low-noise", type=float, nargs="*", default=list(LOW_NOISE), metavar="FRACTION",
+                        help="t range (fractions of the largest timestep) of the low-noise runs, which repeat the "
+                             "--recovery-divergences in both tables with t drawn only there (none: skip them)")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/distill.md"))
 
 
-def _config(args: argparse.Namespace, divergence: str, seed: int) -> FDistillConfig:
+def _config(args: argparse.Namespace, divergence: str, seed: int,
+            t_range: tuple[float, float] = FDistillConfig.t_range) -> FDistillConfig:
     return FDistillConfig(divergence=divergence, max_train_steps=args.steps, batch_size=args.batch_size,
                           critic_updates=args.critic_updates, lr_generator=args.lr_generator,
                           lr_fake=args.lr_critic, lr_head=args.lr_critic, gan_weight=args.gan_weight,
-                          head_features=args.head_features, seed=seed)
+                          head_features=args.head_features, seed=seed, t_range=t_range)
+
+
+def t_ranges(args: argparse.Namespace) -> list[tuple[str, tuple[float, float]]]:
+    """(label, t range) of the runs: the DMD2 range for every divergence, then the low-noise range."""
+    default = FDistillConfig.t_range
+    ranges = [(_range_label(default), default)]
+    if args.low_noise:
+        ranges.append((_range_label(tuple(args.low_noise)), tuple(args.low_noise)))
+    return ranges
+
+
+def _range_label(t_range: tuple[float, float]) -> str:
+    lo, hi = (round(f * (SCHEDULE["num_train_timesteps"] - 1)) for f in t_range)
+    return f"t {lo}-{hi}"
 
 
 def scatter_figure(panels: list[tuple[str, torch.Tensor]], reference: torch.Tensor, png: Path) -> None:
@@ -156,14 +182,16 @@ def recovery_table(args: argparse.Namespace, mixture: GaussianMixture, schedule:
     lines = [f"### Mode recovery: every divergence starts from a generator distilled without mode {names}\n",
              "Cells: share / true weight of the dropped mode(s) among on-mode samples (1 = right weight), and the "
              "mode-weight TV of all 8 modes. The seed is that of the starting generator's run and of every run "
-             "after it.\n",
-             "| seed | divergence | start | " + " | ".join(f"after {c} iterations" for c in checkpoints) + " |",
-             "|---|---|---|" + "---|" * len(checkpoints)]
+             "after it; the starting generator (distilled with rkl over the DMD2 t range) is the same for both t "
+             "ranges.\n",
+             "| seed | t range | divergence | start | " + " | ".join(f"after {c} iterations" for c in checkpoints) + " |",
+             "|---|---|---|---|" + "---|" * len(checkpoints)]
     for seed in args.recovery_seeds:
         start = train_fdistill_lowdim(_config(args, "rkl", seed), partial, schedule, partial_net).ema_generator
-        for divergence in tqdm(args.recovery_divergences, desc=f"recovery runs, seed {seed}", unit="run"):
+        runs = [(label, t_range, d) for label, t_range in t_ranges(args) for d in args.recovery_divergences]
+        for label, t_range, divergence in tqdm(runs, desc=f"recovery runs, seed {seed}", unit="run"):
             cells = [dropped(start)]
-            config = _config(args, divergence, seed)
+            config = _config(args, divergence, seed, t_range)
             config.checkpointing_steps = checkpoints[0]
             with tempfile.TemporaryDirectory() as tmp:
                 for c in checkpoints:  # one run, continued from its own checkpoint at each third
@@ -171,11 +199,14 @@ def recovery_table(args: argparse.Namespace, mixture: GaussianMixture, schedule:
                     result = train_fdistill_lowdim(config, mixture, schedule, teacher_net, output_dir=tmp,
                                                    resume_from="latest", init_generator=start, progress=False)
                     cells.append(dropped(result.ema_generator))
-            lines.append(f"| {seed} | {divergence} | " + " | ".join(cells) + " |")
+            lines.append(f"| {seed} | {label} | {divergence} | " + " | ".join(cells) + " |")
     return lines
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
+    if len(args.low_noise) not in (0, 2):
+        raise ValueError(f"--low-noise takes two fractions LOW HIGH of the largest timestep (or none), got "
+                         f"{args.low_noise}.")
     torch.set_num_threads(1)
     start = time.time()
     mixture = unequal_ring()
@@ -194,12 +225,15 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
                                           stop_after=0, progress=False).generator, args.samples, 2, 999)
     lines.append(_row("initial generator (teacher copy at t = 999)", coverage_metrics(init, mixture, reference), None))
     panels = [("initial generator", init)]
-    jobs = [(d, s) for s in args.seeds for d in args.divergences]
-    for divergence, seed in tqdm(jobs, desc="f-distill runs", unit="run"):
-        result = train_fdistill_lowdim(_config(args, divergence, seed), mixture, schedule, teacher_net)
+    (_, default), *low = t_ranges(args)
+    jobs = [(d, s, default, "") for s in args.seeds for d in args.divergences]
+    jobs += [(d, s, t_range, f", {label}") for label, t_range in low for s in args.seeds
+             for d in args.recovery_divergences]
+    for divergence, seed, t_range, where in tqdm(jobs, desc="f-distill runs", unit="run"):
+        result = train_fdistill_lowdim(_config(args, divergence, seed, t_range), mixture, schedule, teacher_net)
         samples = generate(result.ema_generator, args.samples, 2, 1000 + seed)
         m = coverage_metrics(samples, mixture, reference)
-        label = f"{divergence}" + (f" (seed {seed})" if len(args.seeds) > 1 else "")
+        label = f"{divergence}{where}" + (f" (seed {seed})" if len(args.seeds) > 1 else "")
         lines.append(_row(label, m, result.seconds))
         panels.append((f"{label}: {m['covered']}/8 covered, TV {m['tv']:.3f}, ED {m['energy']:.4f}", samples))
         print(lines[-1])
@@ -212,7 +246,10 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
             f"MLP teacher fit: {args.teacher_steps} steps, {teacher_seconds:.0f} s.\n",
             f"Settings: {args.steps} iterations ({args.critic_updates} critic updates per generator update), batch "
             f"{args.batch_size}, AdamW lr {args.lr_generator:g} (generator) / {args.lr_critic:g} (fake score, head), "
-            f"GAN weight {args.gan_weight:g}, head on {args.head_features} features, EMA 0.99, seeds {args.seeds}.\n",
+            f"GAN weight {args.gan_weight:g}, head on {args.head_features} features, EMA 0.99, seeds {args.seeds}; "
+            f"t drawn from {_range_label(FDistillConfig.t_range)} (DMD2's range)"
+            + (f", and for the rows marked {_range_label(tuple(args.low_noise))} from that low-noise range only" if args.low_noise else "")
+            + ".\n",
             *header, *lines]
     if args.recovery_drop:
         body += ["", *recovery]
