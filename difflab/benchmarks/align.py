@@ -85,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Extra AWM KL weights, at --kl_sweep_lr, --kl_sweep_rounds rounds (FD check).")
     parser.add_argument("--kl_sweep_lr", type=float, default=1e-4)
     parser.add_argument("--kl_sweep_rounds", type=int, default=45)
-    parser.add_argument("--fd_checks", type=fd_check_spec, nargs="*", default=FD_CHECKS, metavar="LR:ROUNDS:EVERY",
+    parser.add_argument("--fd_checks", type=fd_check_spec, nargs="*", metavar="LR:ROUNDS:EVERY",
+                        default=[fd_check_spec(spec) for spec in FD_CHECKS],
                         help="No-collapse runs (AWM, --awm_kl): learning rate, rounds, evaluate every N rounds; "
                              "one table each (none: skip the check).")
     parser.add_argument("--fd_check_seeds", type=int, nargs="+", default=[0, 1, 2])
