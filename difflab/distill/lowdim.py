@@ -96,7 +96,8 @@ class FDistillConfig:
             raise ValueError(f"critic_updates must be >= 0, got {self.critic_updates}.")
         lo, hi = self.t_range
         if not 0.0 <= lo < hi <= 1.0:
-            raise ValueError(f"t_range must be fractions 0 <= low < high <= 1 of the largest timestep, got {self.t_range}.")
+            raise ValueError(f"t_range (--t_range) must be fractions 0 <= low < high <= 1 of the largest timestep, "
+                             f"got {self.t_range}.")
 
     def is_generator_step(self, step: int) -> bool:
         """True if iteration ``step`` (0-based) updates the generator: the last of each TTUR cycle."""

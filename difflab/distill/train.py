@@ -91,6 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add("--gan_weight", type=float, default=1e-3, help="Weight of the generator's GAN term (must be > 0).")
     add("--head_features", choices=("fake", "teacher"), default="fake",
         help="Discriminator head on the fake score's features (paper) or the frozen teacher network's (FastGen).")
+    add("--t_range", type=float, nargs=2, default=[0.02, 0.98], metavar=("LOW", "HIGH"),
+        help="Fractions of the largest timestep between which t is drawn (DMD2: 0.02 0.98). On the 2-D ring the "
+             "divergences differ only with a low-noise range such as 0.001 0.05 (docs/benchmarks/distill.md).")
     add("--ratio_ema", type=float, default=0.0, help="EMA rate of the per-time-bin ratio means (0: batch means).")
     add("--ema_decay", type=float, default=None, help="Decay of the generator's EMA (the saved weights; 0.99).")
     add("--max_grad_norm", type=float, default=10.0, help="Gradient clipping norm (0 disables).")
@@ -181,7 +184,8 @@ def build_config(args: argparse.Namespace):
         divergence=args.divergence, max_train_steps=args.max_train_steps, batch_size=args.train_batch_size,
         critic_updates=args.critic_updates, lr_generator=args.learning_rate, lr_fake=args.critic_learning_rate,
         lr_head=args.critic_learning_rate, weight_decay=args.adam_weight_decay, gan_weight=args.gan_weight,
-        head_features=args.head_features, ratio_ema=args.ratio_ema, ema_decay=args.ema_decay,
+        head_features=args.head_features, t_range=tuple(args.t_range), ratio_ema=args.ratio_ema,
+        ema_decay=args.ema_decay,
         max_grad_norm=args.max_grad_norm, seed=args.seed, checkpointing_steps=args.checkpointing_steps,
         checkpoints_total_limit=args.checkpoints_total_limit)
     if base.gan_weight <= 0:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from difflab.cli import main
-from difflab.distill.train import load_generator
+from difflab.distill.train import build_config, build_parser, load_generator
 
 TINY = ["--train_batch_size", "32", "--teacher_steps", "10", "--teacher_hidden", "16", "--teacher_depth", "1",
         "--num_samples", "200", "--no_progress", "--checkpointing_steps", "3"]
@@ -57,6 +57,15 @@ def test_cli_errors_are_messages(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _cli("f-distill", tmp_path / "x", "--mixture", "ring8", "--dim", "3")
     assert "--mixture random" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli("f-distill", tmp_path / "x", "--t_range", "0.5", "0.1")
+    assert "--t_range" in capsys.readouterr().err
+
+
+def test_t_range_flag_reaches_the_config():
+    args = build_parser().parse_args(["f-distill", "--output_dir", "unused", "--t_range", "0.001", "0.05"])
+    assert build_config(args).t_range == (0.001, 0.05)
+    assert build_config(build_parser().parse_args(["disback", "--output_dir", "unused"])).base.t_range == (0.02, 0.98)
 
 
 def test_random_mixture_in_more_dimensions(tmp_path):
