@@ -24,11 +24,13 @@ every divergence then continues from that generator against the full mixture, an
 modes' share is followed (share / true weight, every third of the run).
 
 *Low noise levels only* (``--low-noise``, rows marked t 1-50): h(r) reweights samples by the ratio of
-the teacher's and the student's NOISED densities. Over DMD2's t range (t 20-979 here, sigma 0.14 to 1.0)
-most levels blur the 8 modes into one broad bump, and there every divergence moves mass between modes
-alike. The low-noise rows repeat the reverse-KL, JS and forward-KL runs of both tables with t drawn only
-from t 1-50 (sigma 0.04 to 0.22; neighbouring modes are 0.61 apart), where the weighting decides how
-mass is shared between modes.
+the teacher's and the student's NOISED densities. Two images differ by far more than the noise of most
+levels, so in image space the noised modes stay apart over nearly all of DMD2's t range; on this ring
+neighbouring modes are only 0.61 apart, and from sigma of about 0.3 (t of about 100 of 999) on the
+noised modes merge into one bump, where every divergence moves mass between modes alike. Most of DMD2's
+range (t 20-979, sigma 0.14 to 1.0) lies there. The low-noise rows repeat the reverse-KL, JS and
+forward-KL runs of both tables with t drawn only from t 1-50 (sigma 0.04 to 0.22), where the modes stay
+apart as they do for images.
 """
 
 from __future__ import annotations
