@@ -91,6 +91,17 @@ def generate(generator: torch.nn.Module, n: int, dim: int, seed: int) -> torch.T
     return generator(z).double()
 
 
+class FractionRange(argparse.Action):
+    """``LOW HIGH`` fractions of the largest timestep, checked when parsed: 0 <= LOW < HIGH <= 1."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        low, high = values
+        if not 0.0 <= low < high <= 1.0:
+            parser.error(f"{option_string} needs fractions 0 <= LOW < HIGH <= 1 of the largest timestep, "
+                         f"got {low:g} {high:g}.")
+        setattr(namespace, self.dest, values)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--divergences", nargs="+", default=["rkl", "srkl", "js", "sh", "kl", "jeffreys"])
     parser.add_argument("--steps", type=int, default=6000, help="iterations (critic + generator updates)")
@@ -107,9 +118,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="modes missing from the warm-start generator of the recovery table (none: skip it)")
     parser.add_argument("--recovery-divergences", nargs="+", default=["rkl", "js", "kl"])
     parser.add_argument("--recovery-seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--low-noise", type=float, nargs="*", default=list(LOW_NOISE), metavar="FRACTION",
+    parser.add_argument("--low-noise", type=float, nargs=2, default=list(LOW_NOISE), metavar=("LOW", "HIGH"),
+                        action=FractionRange,
                         help="t range (fractions of the largest timestep) of the low-noise runs, which repeat the "
-                             "--recovery-divergences in both tables with t drawn only there (none: skip them)")
+                             "--recovery-divergences in both tables with t drawn only there")
+    parser.add_argument("--no-low-noise", action="store_true", help="skip the low-noise runs")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/distill.md"))
 
 
@@ -125,7 +138,7 @@ def t_ranges(args: argparse.Namespace) -> list[tuple[str, tuple[float, float]]]:
     """(label, t range) of the runs: the DMD2 range for every divergence, then the low-noise range."""
     default = FDistillConfig.t_range
     ranges = [(_range_label(default), default)]
-    if args.low_noise:
+    if not args.no_low_noise:
         ranges.append((_range_label(tuple(args.low_noise)), tuple(args.low_noise)))
     return ranges
 
@@ -206,9 +219,6 @@ def recovery_table(args: argparse.Namespace, mixture: GaussianMixture, schedule:
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
-    if len(args.low_noise) not in (0, 2):
-        raise ValueError(f"--low-noise takes two fractions LOW HIGH of the largest timestep (or none), got "
-                         f"{args.low_noise}.")
     torch.set_num_threads(1)
     start = time.time()
     mixture = unequal_ring()
@@ -250,7 +260,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
             f"{args.batch_size}, AdamW lr {args.lr_generator:g} (generator) / {args.lr_critic:g} (fake score, head), "
             f"GAN weight {args.gan_weight:g}, head on {args.head_features} features, EMA 0.99, seeds {args.seeds}; "
             f"t drawn from {_range_label(FDistillConfig.t_range)} (DMD2's range)"
-            + (f", and for the rows marked {_range_label(tuple(args.low_noise))} from that low-noise range only" if args.low_noise else "")
+            + ("" if args.no_low_noise else
+               f", and for the rows marked {_range_label(tuple(args.low_noise))} from that low-noise range only")
             + ".\n",
             *header, *lines]
     if args.recovery_drop:
