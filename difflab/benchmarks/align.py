@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 from .report import bench_main, publish
 
 LEARNING_RATES = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]  # the same grid for both methods
+EVAL_SAMPLES = 256  # fixed-noise samples of every evaluation and every reference FD on the page
 UNCONDITIONAL_POOL = 4000  # base-model samples drawn for the unconditional reference of the no-collapse check
 FD_CHECKS = ["1e-4:60:5", "3e-5:90:10"]  # no-collapse runs: learning rate : rounds : evaluate every N rounds
 
@@ -119,7 +120,7 @@ def run_job(job: dict) -> dict:
     if job["model"] == "mixture":
         problem = mixture_problem(reward, teacher_steps=2000, eval_samples=2000)
     else:
-        problem = digits_problem(job["model"], reward, None, eval_samples=256, target_class=job.get("target_class"))
+        problem = digits_problem(job["model"], reward, None, eval_samples=EVAL_SAMPLES, target_class=job.get("target_class"))
     extra = {"kl_beta": job["kl"]} if job["method"] == "awm" else {}
     config = AlignConfig(method=job["method"], learning_rate=job["lr"], max_train_steps=job["rounds"],
                          seed=job.get("seed", 0), **extra)
@@ -154,7 +155,7 @@ def run_jobs(jobs: list[dict], workers: int) -> list[dict]:
         return list(tqdm(pool.imap(run_job, jobs, chunksize=1), total=len(jobs), desc="align runs", unit="run"))
 
 
-def base_class_fd(model: str, target_class: int, n: int = 256) -> float:
+def base_class_fd(model: str, target_class: int, n: int = EVAL_SAMPLES) -> float:
     """FD-digits to the real class digits of the base model's class-conditional samples (same sampler)."""
     from ..distill.aligner import digits_problem, policy_samples
     from ..distill.rewards import DigitsClassReward
@@ -169,7 +170,7 @@ def base_class_fd(model: str, target_class: int, n: int = 256) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def base_unconditional_references(model: str, target_class: int, n: int = 256,
+def base_unconditional_references(model: str, target_class: int, n: int = EVAL_SAMPLES,
                                   pool: int = UNCONDITIONAL_POOL) -> dict:
     """FD-digits to the real class digits of two selections of the base model's UNCONDITIONAL samples.
 
@@ -212,7 +213,7 @@ def fd_check_table(checks: list[dict], model: str, target_class: int, base_fd: f
              f"seeds {[r['seed'] for r in checks]}. FD-digits to the real class-{target_class} digits after each "
              f"evaluated round (and the final reward / class share). References: base model's class-conditional "
              f"samples {base_fd:.1f} (2x = {2 * base_fd:.1f}); base model's unconditional samples labelled "
-             f"{target_class} ({ref['hits']} of {UNCONDITIONAL_POOL}) {ref['labelled']:.1f}; the 256 of those "
+             f"{target_class} ({ref['hits']} of {UNCONDITIONAL_POOL}) {ref['labelled']:.1f}; the {EVAL_SAMPLES} of those "
              f"{UNCONDITIONAL_POOL} with the highest class-{target_class} probability (all >= "
              f"{ref['confident_min_p']:.4f}) {ref['confident']:.1f} = {ref['confident'] / base_fd:.2f}x.", "",
              "| seed | " + " | ".join(f"round {k}" for k in rounds) + " | final reward | final class share |",
@@ -226,7 +227,7 @@ def fd_check_table(checks: list[dict], model: str, target_class: int, base_fd: f
     mean, late_mean = sum(finals) / len(finals), sum(late) / len(late)
     lines += ["", f"Final FD-digits: mean {mean:.1f} = **{mean / base_fd:.2f}x** the base model's class-conditional "
               f"samples (seeds: {', '.join(f'{f / base_fd:.2f}x' for f in finals)}). Averaged over the evaluations "
-              f"of the last third of each run (one checkpoint is noisy at 256 samples): {late_mean:.1f} = "
+              f"of the last third of each run (one checkpoint is noisy at {EVAL_SAMPLES} samples): {late_mean:.1f} = "
               f"**{late_mean / base_fd:.2f}x** (seeds: {', '.join(f'{f / base_fd:.2f}x' for f in late)}).", ""]
     return lines
 
