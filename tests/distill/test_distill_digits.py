@@ -145,3 +145,16 @@ def test_disback_degrades_toward_the_generator_it_will_train(ddpm):
         assert student.timestep == state.generator.timestep == (config.generator_timestep or 610.0)
         z, labels = ddpm.draw_noise(3, torch.Generator().manual_seed(0))
         torch.testing.assert_close(student(z, labels), state.generator(z, labels).detach())
+
+
+def test_bench_comparison_rules_on_a_flat_noisy_curve():
+    """One lucky dip decides "first reaching"; the running mean does not let it."""
+    from difflab.benchmarks.distill_digits import first_reaching, running_mean
+
+    curve = [(0, 100.0, 1.0), (50, 60.0, 1.0), (100, 50.0, 1.0), (150, 56.0, 1.0), (200, 54.0, 1.0), (250, 52.0, 1.0)]
+    assert first_reaching(curve, 52.0) == 100
+    smooth = running_mean(curve)
+    assert [steps for steps, _, _ in smooth] == [100, 150, 200, 250]
+    assert [fd for _, fd, _ in smooth] == pytest.approx([70.0, 166 / 3, 160 / 3, 54.0])
+    assert first_reaching(smooth, 52.0) is None
+    assert first_reaching(smooth, 54.0) == 200
