@@ -24,13 +24,16 @@ every divergence then continues from that generator against the full mixture, an
 modes' share is followed (share / true weight, every third of the run).
 
 *Low noise levels only* (``--low-noise``, rows marked t 1-50): h(r) reweights samples by the ratio of
-the teacher's and the student's NOISED densities. Two images differ by far more than the noise of most
-levels, so in image space the noised modes stay apart over nearly all of DMD2's t range; on this ring
-neighbouring modes are only 0.61 apart, and from sigma of about 0.3 (t of about 100 of 999) on the
-noised modes merge into one bump, where every divergence moves mass between modes alike. Most of DMD2's
-range (t 20-979, sigma 0.14 to 1.0) lies there. The low-noise rows repeat the reverse-KL, JS and
-forward-KL runs of both tables with t drawn only from t 1-50 (sigma 0.04 to 0.22), where the modes stay
-apart as they do for images.
+the teacher's and the student's NOISED densities. In 2-D, noise soon hides the difference between the
+two densities (neighbouring modes of this ring, 0.61 apart, merge into one bump from sigma of about 0.3,
+t of about 100 of 999), the ratio flattens toward 1 and every h(r) weights the samples alike. Two images
+differ by far more than the noise of most levels, and their differences add up over many dimensions,
+so in image space the ratio stays informative over most of DMD2's t range (t 20-979, sigma 0.14 to
+1.0). The low-noise rows repeat the reverse-KL, JS and forward-KL runs of both tables with t drawn only
+from t 1-50 (sigma 0.04 to 0.22). ``--ring-scale K`` makes the ring K times wider under the same
+schedule, so that every noise level is K times smaller relative to it (docs/benchmarks/distill-wide.md,
+K = 5). Over DMD2's range the divergences still behave alike there, though neighbouring modes stay apart
+up to about t 500: the low noise levels, not only separated modes, are what makes them differ.
 """
 
 from __future__ import annotations
