@@ -55,13 +55,14 @@ from ..schedule import NoiseSchedule
 from .report import bench_main, publish
 
 SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+RING_RADIUS = 0.8
 MODE_STD = 0.08
 COVERED_FRACTION = 0.2
 LOW_NOISE = (0.001, 0.05)  # t = 1 .. 50 of 1000: sigma 0.04 .. 0.22, against modes 0.61 apart with std 0.08
 OFF_MODE_STDS = 3.0
 
 
-def unequal_ring(radius: float = 0.8, std: float = MODE_STD, spread: float = 6.0) -> GaussianMixture:
+def unequal_ring(radius: float = RING_RADIUS, std: float = MODE_STD, spread: float = 6.0) -> GaussianMixture:
     """The benchmark's mixture (:func:`difflab.models.gmm.unequal_ring`)."""
     return gmm_unequal_ring(radius, std, spread)
 
@@ -194,7 +195,7 @@ def scatter_figure(panels: list[tuple[str, torch.Tensor]], reference: torch.Tens
 
 def wide_ring_text(scale: float) -> str:
     """What changes on the page when the ring is scaled (``--ring-scale``)."""
-    radius, std = 0.8 * scale, MODE_STD * scale
+    radius, std = RING_RADIUS * scale, MODE_STD * scale
     spacing = 2 * radius * math.sin(math.pi / 8)
     return (f"**Ring scaled by {scale:g}** (``--ring-scale``): radius {radius:g}, mode std {std:g}, neighbouring "
             f"modes {spacing:.2f} apart; the noise schedule is unchanged, so every noise level is {scale:g} times "
@@ -250,7 +251,7 @@ def recovery_table(args: argparse.Namespace, mixture: GaussianMixture, schedule:
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
     torch.set_num_threads(1)
     start = time.time()
-    mixture = unequal_ring(0.8 * args.ring_scale, MODE_STD * args.ring_scale)
+    mixture = unequal_ring(RING_RADIUS * args.ring_scale, MODE_STD * args.ring_scale)
     schedule = NoiseSchedule.from_config(SCHEDULE)
     reference = mixture.sample(args.samples, generator=torch.Generator().manual_seed(123)).float()
     exact = mixture.sample(args.samples, generator=torch.Generator().manual_seed(321))
