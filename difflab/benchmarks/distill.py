@@ -113,7 +113,9 @@ class FractionRange(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         low, high = values
-        if not 0.0 <= low < high <= 1.0:
+        try:
+            FDistillConfig(t_range=(low, high))  # the trainer's own rule for a t range
+        except ValueError:
             parser.error(f"{option_string} needs fractions 0 <= LOW < HIGH <= 1 of the largest timestep, "
                          f"got {low:g} {high:g}.")
         setattr(namespace, self.dest, values)

@@ -66,6 +66,8 @@ PROBLEM_DEFAULTS = {
 
 def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.ArgumentParser:
     """Attach the flags of ``method`` (``f-distill`` or ``disback``) to ``parser``."""
+    from .lowdim import FDistillConfig
+
     parser.set_defaults(method=method)
     add = parser.add_argument
     add("--output_dir", required=True, help="Where checkpoints, nodes (DisBack) and the final generator go.")
@@ -91,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add("--gan_weight", type=float, default=1e-3, help="Weight of the generator's GAN term (must be > 0).")
     add("--head_features", choices=("fake", "teacher"), default="fake",
         help="Discriminator head on the fake score's features (paper) or the frozen teacher network's (FastGen).")
-    add("--t_range", type=float, nargs=2, default=[0.02, 0.98], metavar=("LOW", "HIGH"),
+    add("--t_range", type=float, nargs=2, default=list(FDistillConfig.t_range), metavar=("LOW", "HIGH"),
         help="Fractions of the largest timestep between which t is drawn (DMD2: 0.02 0.98). On the 2-D ring the "
              "divergences differ only with a low-noise range such as 0.001 0.05 (docs/benchmarks/distill.md).")
     add("--ratio_ema", type=float, default=0.0, help="EMA rate of the per-time-bin ratio means (0: batch means).")
