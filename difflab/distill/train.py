@@ -272,6 +272,15 @@ def load_generator(output_dir: str | Path):
     return OneStepGenerator(net, NoiseSchedule.from_config(cfg["schedule"]), cfg["timestep"]).eval()
 
 
+def require_matplotlib() -> None:
+    """ValueError naming the extra to install when matplotlib (the mixture run's scatter plot) is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        raise ValueError("a Gaussian-mixture run ends with a scatter plot, which needs matplotlib: "
+                         "pip install 'difflab[train]'") from err
+
+
 def scatter_png(samples: torch.Tensor, reference: torch.Tensor, png: Path, title: str) -> None:
     """Student samples over exact samples (first two coordinates)."""
     import matplotlib
@@ -379,6 +388,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = build_config(args)
     output_dir = Path(args.output_dir)
     resume = resolve_checkpoint(output_dir, args.resume_from_checkpoint)  # clear error before any work
+    if args.model is None:
+        require_matplotlib()  # the mixture run ends with a scatter plot: fail now, not after training
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=True)
     runtime = Runtime.from_accelerator(accelerator)
     progress = not args.no_progress

@@ -62,6 +62,14 @@ def test_cli_errors_are_messages(tmp_path, capsys):
     assert "--t_range" in capsys.readouterr().err
 
 
+def test_mixture_run_without_matplotlib_stops_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(SystemExit):
+        _cli("f-distill", tmp_path, "--max_train_steps", "5")
+    assert "pip install 'difflab[train]'" in capsys.readouterr().err
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
 def test_t_range_flag_reaches_the_config():
     args = build_parser().parse_args(["f-distill", "--output_dir", "unused", "--t_range", "0.001", "0.05"])
     assert build_config(args).t_range == (0.001, 0.05)
