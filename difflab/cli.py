@@ -7,6 +7,8 @@ import importlib
 import sys
 from pathlib import Path
 
+from .distributed import leave_process_group
+
 BENCHMARKS = {
     "samplers": ("difflab.benchmarks.samplers", "quality versus NFE on the exact Gaussian mixture"),
     "stability": ("difflab.benchmarks.stability", "divergence at high guidance, with and without momentum"),
@@ -311,19 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, KeyError, ModelFilesError, WeightsError, ArithmeticError) as err:  # user errors: a message, not a traceback
         parser.exit(2, f"difflab {args.command}: error: {err}\n")
     finally:
-        _leave_process_group()
-
-
-def _leave_process_group() -> None:
-    """Close the torch.distributed group a multi-process run (``accelerate launch``) opened.
-
-    A gloo group left open until interpreter exit can abort the process there ("terminate called without
-    an active exception") after all the work is done, which turns a finished run into a failed one.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 if __name__ == "__main__":

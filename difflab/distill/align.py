@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import end_training
+
 METHODS = ("awm", "ddpo")
 
 
@@ -274,7 +276,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             json.dump({**summary, "history": state.history, "config": asdict(config), "args": vars(args)}, f,
                       indent=1, default=str)
         accelerator.print(f"wrote {output_dir}: final validation {json.dumps(final)}")
-    accelerator.end_training()
+    end_training(accelerator, runtime.wrapped)
     return summary
 
 

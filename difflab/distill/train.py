@@ -47,6 +47,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import end_training
+
 METHODS = ("f-distill", "disback")
 MIXTURES = ("ring8", "random")
 SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
@@ -425,7 +427,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary.update(finish)
         with open(output_dir / "train_summary.json", "w") as f:
             json.dump({**summary, "history": state.history, "args": vars(args)}, f, indent=1, default=str)
-    accelerator.end_training()
+    end_training(accelerator, runtime.wrapped)
     return summary
 
 

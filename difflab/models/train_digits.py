@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..distributed import end_training
 from ..schedule import NoiseSchedule
 from .digits import NULL_CLASS, DigitsClassifier, DigitsPipeline, digits_unet_config, load_digits_dataset
 
@@ -272,7 +273,10 @@ def _setup(args: argparse.Namespace):
     from diffusers.training_utils import EMAModel
 
     project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs"))
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, project_config=project)
+    # cpu=True where CUDA is missing: a `--multi_gpu` launch on a CPU machine then runs one gloo group, not
+    # independent single-process runs writing the same output_dir.
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, project_config=project,
+                              cpu=not torch.cuda.is_available())
     set_seed(args.seed)
     model = build_model(args.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
@@ -377,7 +381,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary.update(_save_final(args, accelerator, model, ema))
         with open(os.path.join(args.output_dir, "train_summary.json"), "w") as f:
             json.dump({**summary, "args": vars(args)}, f, indent=2)
-    accelerator.end_training()
+    end_training(accelerator)
     return summary
 
 

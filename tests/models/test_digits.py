@@ -203,3 +203,19 @@ def test_resume_from_latest_matches_uninterrupted_run(tmp_path):
     b = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")  # EMA weights
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_two_process_launch_trains_one_model_and_resumes(tmp_path, accelerate_launch):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU machine: one gloo group of two, not two runs."""
+    import json
+
+    launch = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no"]
+    flags = ["-m", "difflab.models.train_digits", "--model", "digits-ddpm", "--output_dir", str(tmp_path),
+             "--train_batch_size", "4", "--lr_warmup_steps", "1", "--checkpointing_steps", "2"]
+    proc = accelerate_launch(launch, [*flags, "--max_train_steps", "2"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = accelerate_launch(launch, [*flags, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["steps"] == 3 and summary["steps_this_run"] == 1
+    assert isinstance(load(tmp_path), DigitsPipeline)
