@@ -55,6 +55,21 @@ def test_bench_stability_and_lml_smoke(tmp_path, capsys):
     assert (tmp_path / "new" / "stability.png").is_file()
 
 
+def test_bench_stability_runs_on_the_grid_it_is_given(tmp_path, capsys):
+    common = ["bench", "stability", "--digits-per-class", "0", "--scales", "10", "--steps", "5", "--mixture-dims", "2",
+              "--num-samples", "64"]
+    main([*common, "--out", str(tmp_path / "config.md")])
+    main([*common, "--timestep-spacing", "leading", "--steps-offset", "1", "--out", str(tmp_path / "ldm.md")])
+    config, ldm = ((tmp_path / f).read_text() for f in ("config.md", "ldm.md"))
+    assert "This page's grid: each scheduler config's own" in config
+    assert "This page's grid: timestep_spacing = leading, steps_offset = 1" in ldm
+
+    def table(page: str) -> str:
+        return page[page.index("| CFG |"):page.index("Reference,")]
+
+    assert table(config) != table(ldm)  # the solvers really ran on another grid
+
+
 def test_get_scheduler_by_name_for_vp_and_flow_configs():
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
