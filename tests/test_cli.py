@@ -59,15 +59,14 @@ def test_bench_stability_runs_on_the_grid_it_is_given(tmp_path, capsys):
     common = ["bench", "stability", "--digits-per-class", "0", "--scales", "10", "--steps", "5", "--mixture-dims", "2",
               "--num-samples", "64"]
     main([*common, "--out", str(tmp_path / "config.md")])
-    main([*common, "--timestep-spacing", "leading", "--steps-offset", "1", "--out", str(tmp_path / "ldm.md")])
-    config, ldm = ((tmp_path / f).read_text() for f in ("config.md", "ldm.md"))
-    assert "This page's grid: each scheduler config's own" in config
-    assert "This page's grid: timestep_spacing = leading, steps_offset = 1" in ldm
+    main([*common, "--grid", "ddim-uniform", "--out", str(tmp_path / "ddim.md")])
+    config, ddim = ((tmp_path / f).read_text() for f in ("config.md", "ddim.md"))
+    assert "This page's grid: config" in config and "This page's grid: ddim-uniform" in ddim
 
     def table(page: str) -> str:
         return page[page.index("| CFG |"):page.index("Reference,")]
 
-    assert table(config) != table(ldm)  # the solvers really ran on another grid
+    assert table(config) != table(ddim)  # the solvers really ran on another grid
 
 
 def test_get_scheduler_by_name_for_vp_and_flow_configs():
@@ -89,3 +88,15 @@ def test_models_train_digits_through_the_cli(tmp_path):
     main(["models", "train-digits", "--model", "digits-classifier", "--output_dir", str(tmp_path / "clf"),
           "--max_train_steps", "2", "--train_batch_size", "8"])
     assert (tmp_path / "clf" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_ddim_uniform_grid_is_the_grid_of_sd_ddim():
+    from diffusers import DDIMScheduler
+
+    from difflab.benchmarks.stability import grid_kwargs
+
+    ddim = DDIMScheduler(timestep_spacing="leading", steps_offset=1)
+    for steps in (5, 8, 10, 100):
+        ddim.set_timesteps(steps)
+        assert grid_kwargs("ddim-uniform", steps)["timesteps"] == ddim.timesteps.tolist()
+    assert grid_kwargs("config", 8) == {"num_inference_steps": 8}

@@ -17,15 +17,15 @@ the exact guided ODE solution. On digits at high CFG that solution itself pushes
 [-1.05, 1.05] (guidance saturates strokes), so only the excess over the reference is divergence
 of the solver; no accurate solver can go much below the reference.
 
-Timestep grid: the paper's Stable Diffusion runs take their timesteps from SD's diffusers scheduler,
-i.e. ``leading`` spacing with ``steps_offset`` 1 (t = 1, 1 + c, 1 + 2c, ..., c = 1000 / N), and its
-code assumes that spacing; diffusers' PNDM starts at t = 999 but spends an extra model call on a
-second-order first step. PLMS-4 here, like the paper's, takes one call per step (Adams-Bashforth of
-order 1, 2, 3, then 4) on whatever grid its config gives.
-digits-ddpm has linear betas, so sigma / alpha is 157 at t = 999 against 49 at the paper grid's first
-point, and there the grid decides whether plain PLMS-4 works at all without guidance (compare the CFG 1
-rows of stability.md and stability-ldm-grid.md). ``--timestep-spacing leading --steps-offset 1`` runs
-every solver and the reference on the paper's grid.
+Timestep grid: by default every solver runs on its model's scheduler config (linspace: N timesteps
+from t = 999 down to 999 / N, then a step to clean data). The paper's Stable Diffusion code assumes
+the DDIM grid of SD's schedulers, t = 1 + k c for k = N - 1, ..., 0 with c = floor(1000 / N)
+(``leading`` spacing, ``steps_offset`` 1, each step going back by c); ``--grid ddim-uniform`` runs every
+solver and the reference on it. PLMS-4 here, like the paper's, takes one model call per step
+(Adams-Bashforth of order 1, 2, 3, then 4); diffusers' PNDM instead spends an extra call on a
+second-order first step. digits-ddpm has linear betas, so sigma / alpha is 157 at t = 999 against 49
+at the DDIM grid's first point of 8 steps, and there the grid decides whether plain PLMS-4 works at all
+without guidance (compare the CFG 1 rows of stability.md and stability-ddim-grid.md).
 """
 
 from __future__ import annotations
@@ -58,10 +58,21 @@ REFERENCE_STEPS = 100
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 
 
+GRIDS = ("config", "ddim-uniform")
+
+
+def grid_kwargs(grid: str, steps: int, num_train_timesteps: int = 1000) -> dict:
+    """``set_timesteps`` / pipeline arguments for ``steps`` steps on ``grid`` (see the module docstring)."""
+    if grid == "config":
+        return {"num_inference_steps": steps}
+    c = num_train_timesteps // steps
+    return {"timesteps": [1 + k * c for k in reversed(range(steps))]}
+
+
 def guided_sample(scheduler, model: Callable, noise: torch.Tensor, labels: torch.Tensor, null_label: int,
-                  guidance_scale: float, steps: int) -> torch.Tensor:
+                  guidance_scale: float, steps: int, grid: str = "config") -> torch.Tensor:
     """CFG sampling with one batched [cond; null] model call per step; returns the raw final sample."""
-    scheduler.set_timesteps(steps)
+    scheduler.set_timesteps(**grid_kwargs(grid, steps))
     x = noise
     null = torch.full_like(labels, null_label)
     for t in scheduler.timesteps:
@@ -79,7 +90,7 @@ def mixture_metrics(mixture: GaussianMixture, x: torch.Tensor, labels: torch.Ten
     return 1.0 - near.any(1).double().mean().item(), accuracy
 
 
-def run_mixture(dim: int, scales: list[float], steps: list[int], n: int, progress: tqdm, grid: dict) -> list[dict]:
+def run_mixture(dim: int, scales: list[float], steps: list[int], n: int, progress: tqdm, grid: str) -> list[dict]:
     mixture = GaussianMixture.random(dim, 8, n_classes=4, seed=0, std_range=(0.05, 0.15) if dim == 2 else (0.1, 0.3))
     model = GMMDenoiser(mixture, NoiseSchedule.vp(**{k: v for k, v in SD_BETAS.items() if k != "num_train_timesteps"}), "epsilon")
     labels = torch.arange(n) % 4
@@ -87,7 +98,7 @@ def run_mixture(dim: int, scales: list[float], steps: list[int], n: int, progres
     rows = []
 
     def measure(name: str, w: float, k: int) -> dict:
-        x = guided_sample(SOLVERS[name](SD_BETAS | grid), model, noise, labels, 4, w, k)
+        x = guided_sample(SOLVERS[name](SD_BETAS), model, noise, labels, 4, w, k, grid)
         off, acc = mixture_metrics(mixture, x, labels)
         return dict(setting=f"mixture dim {dim}", solver=name, cfg=w, steps=k, diverged=off, accuracy=acc)
 
@@ -100,21 +111,21 @@ def run_mixture(dim: int, scales: list[float], steps: list[int], n: int, progres
     return rows
 
 
-def run_digits(scales: list[float], steps: list[int], per_class: int, progress: tqdm, grid: dict) -> list[dict]:
+def run_digits(scales: list[float], steps: list[int], per_class: int, progress: tqdm, grid: str) -> list[dict]:
     from ..eval.digits import evaluate_digits
     from ..models import load
 
     pipe = load("digits-ddpm")
     pipe.set_progress_bar_config(disable=True)
-    cfg = dict(pipe.scheduler.config) | grid
+    cfg = dict(pipe.scheduler.config)
     labels = torch.arange(10).repeat_interleave(per_class)
     noise = torch.randn(len(labels), 1, 16, 16, generator=torch.Generator().manual_seed(0))
     rows = []
 
     def measure(name: str, w: float, k: int) -> dict:
         pipe.scheduler = SOLVERS[name](cfg)
-        x = pipe(class_labels=labels, guidance_scale=w, num_inference_steps=k, latents=noise.clone(),
-                 output_type="latent").images
+        x = pipe(class_labels=labels, guidance_scale=w, latents=noise.clone(), output_type="latent",
+                 **grid_kwargs(grid, k)).images
         score = evaluate_digits(x.clamp(-1, 1), labels)
         return dict(setting="digits-ddpm", solver=name, cfg=w, steps=k, diverged=(x.abs() > 1.05).float().mean().item(),
                     accuracy=score.accuracy, fd=score.fd_digits, fd_floor=score.noise_floor, n=len(labels))
@@ -128,11 +139,11 @@ def run_digits(scales: list[float], steps: list[int], per_class: int, progress: 
     return rows
 
 
-def grid_text(grid: dict) -> str:
+def grid_text(grid: str) -> str:
     """The page's one-line description of the timestep grid the solvers ran on."""
-    if not grid:
-        return "each scheduler config's own (linspace: N timesteps from t = 999 down to 999 / N, then a step to clean data)"
-    return ", ".join(f"{k} = {v}" for k, v in grid.items()) + " for every solver and the reference"
+    if grid == "config":
+        return "config (each scheduler config's own: linspace from t = 999)"
+    return "ddim-uniform (t = 1 + k floor(1000 / N), k = N - 1, ..., 0) for every solver and the reference"
 
 
 def format_tables(rows: list[dict]) -> str:
@@ -202,11 +213,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixture-dims", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--num-samples", type=int, default=1000, help="mixture samples per setting")
     parser.add_argument("--digits-per-class", type=int, default=50, help="0 skips digits-ddpm")
-    parser.add_argument("--timestep-spacing", choices=("linspace", "leading", "trailing"), default=None,
-                        help="timestep grid of every solver (default: each model's scheduler config; digits-ddpm and "
-                             "the mixture use linspace); 'leading' with --steps-offset 1 is the DDIM-uniform grid of "
-                             "the paper's PLMS")
-    parser.add_argument("--steps-offset", type=int, default=None, help="diffusers steps_offset of that grid")
+    parser.add_argument("--grid", choices=GRIDS, default="config",
+                        help="timesteps of every solver: each scheduler config's own (linspace from t = 999), or "
+                             "ddim-uniform, the grid of SD's DDIM scheduler that the paper's code assumes")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/stability.md"))
 
 
@@ -214,19 +223,17 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
     start = time.time()
     total = len(args.scales) * len(args.steps) * len(SOLVERS) * (len(args.mixture_dims) + (args.digits_per_class > 0))
     rows: list[dict] = []
-    grid = {k: v for k, v in (("timestep_spacing", args.timestep_spacing), ("steps_offset", args.steps_offset))
-            if v is not None}
     with tqdm(total=total, desc="stability", unit="run") as progress:
         for dim in args.mixture_dims:
-            rows += run_mixture(dim, args.scales, args.steps, args.num_samples, progress, grid)
+            rows += run_mixture(dim, args.scales, args.steps, args.num_samples, progress, args.grid)
         if args.digits_per_class > 0:
-            rows += run_digits(args.scales, args.steps, args.digits_per_class, progress, grid)
+            rows += run_digits(args.scales, args.steps, args.digits_per_class, progress, args.grid)
     tables = format_tables(rows)
     print(tables)
     png = args.out.with_suffix(".png")
     intro = __doc__.split("\n\n", 1)[1] + ("\nCells: divergence measure / class accuracy (/ FD-digits for digits); "
                                            "the same starting noise for every solver.\n"
-                                           f"\nThis page's grid: {grid_text(grid)}.\n")
+                                           f"\nThis page's grid: {grid_text(args.grid)}.\n")
     write_report(args.out, "Stability at high guidance: multistep solvers with and without momentum", "stability", argv,
                  time.time() - start, intro, tables, png.name if plot(rows, png) else None)
     return tables
