@@ -26,6 +26,17 @@ import time
 SETTLE_SECONDS = 0.2
 
 
+def cpu_without_cuda() -> bool:
+    """accelerate's ``cpu`` flag for difflab's process groups: True where CUDA is missing.
+
+    Without it, ``accelerate launch --multi_gpu --num_processes N`` on a CPU machine starts N independent
+    single-process runs (writing the same output_dir) instead of one gloo group of N.
+    """
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 def end_training(accelerator, *wrapper_holders: dict) -> None:
     """``accelerator.end_training()`` for a run whose trained modules may be DDP-wrapped.
 

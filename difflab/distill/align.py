@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..distributed import end_training
+from ..distributed import cpu_without_cuda, end_training
 
 METHODS = ("awm", "ddpo")
 
@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = build_config(args)
     output_dir = Path(args.output_dir)
     resume = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=cpu_without_cuda())
     runtime = Runtime.from_accelerator(accelerator)
     if runtime.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,9 @@ def _process_state():
         return None
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    from ..distributed import cpu_without_cuda
+
+    return PartialState(cpu=cpu_without_cuda())
 
 
 def _gather(obj: Any, state) -> list[Any]:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..distributed import end_training
+from ..distributed import cpu_without_cuda, end_training
 from ..schedule import NoiseSchedule
 from .digits import NULL_CLASS, DigitsClassifier, DigitsPipeline, digits_unet_config, load_digits_dataset
 
@@ -273,10 +273,7 @@ def _setup(args: argparse.Namespace):
     from diffusers.training_utils import EMAModel
 
     project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs"))
-    # cpu=True where CUDA is missing: a `--multi_gpu` launch on a CPU machine then runs one gloo group, not
-    # independent single-process runs writing the same output_dir.
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, project_config=project,
-                              cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, project_config=project, cpu=cpu_without_cuda())
     set_seed(args.seed)
     model = build_model(args.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
