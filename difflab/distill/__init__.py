@@ -8,8 +8,10 @@
 * :mod:`~difflab.distill.nets`: small MLP denoisers, the discriminator head, the one-step generator.
 * :mod:`~difflab.distill.lowdim`: the low-dimensional problem, the f-distill steps, the trainer
   (checkpoints, resume).
-* :mod:`~difflab.distill.digits`: the same steps on a class-conditional digits UNet teacher, and the
-  one-step DigitsPipeline a generator becomes.
+* :mod:`~difflab.distill.digits`: the same steps on a UNet teacher (:class:`UNetDistillProblem`; the
+  digits models), and the one-step pipeline a generator becomes.
+* :mod:`~difflab.distill.pipelines`: diffusers UNet teachers beyond the digits models (DDPMPipeline,
+  Stable Diffusion), with real images from an image folder.
 * :mod:`~difflab.distill.disback`: DisBack (Zhang et al., ICLR 2025): degradation recording, then
   backtracking along the saved nodes to the teacher, around the f-distill / DMD2 steps.
 * :mod:`~difflab.distill.loop`: process-aware iteration (DDP-wrapped trained modules) for accelerate.
@@ -39,6 +41,7 @@ from .awm import awm_loss
 from .ddpo import ddpo_loss
 from .digits import (
     DigitsDistillProblem,
+    UNetDistillProblem,
     digits_distill_problem,
     evaluate_student,
     one_step_pipeline,
@@ -72,6 +75,7 @@ from .fdistill import (
 from .loop import Runtime, fdistill_iteration
 from .lowdim import FDistillConfig, FDistillRun, exact_teacher, fit_mlp_teacher, train_fdistill_lowdim
 from .nets import DiscriminatorHead, MLPDenoiser, OneStepGenerator, default_generator_timestep
+from .pipelines import PromptConditionedUNet, distill_problem, pipeline_distill_problem
 from .rewards import CompositeReward, DigitsClassReward, InkReward, RegionReward, build_reward, group_advantages
 from .rollout import ode_rollout, sde_rollout
 
@@ -81,8 +85,9 @@ __all__ = [
     "mixture_problem", "ode_rollout", "sde_rollout",
     "Backtracker", "DisBackConfig", "DisBackRun", "Runtime", "fdistill_iteration", "strict_load",
     "train_disback", "train_disback_lowdim",
-    "DigitsDistillProblem", "default_generator_timestep", "digits_distill_problem", "evaluate_student",
-    "one_step_pipeline", "save_one_step_pipeline",
+    "DigitsDistillProblem", "PromptConditionedUNet", "UNetDistillProblem", "default_generator_timestep",
+    "digits_distill_problem", "distill_problem", "evaluate_student", "one_step_pipeline", "pipeline_distill_problem",
+    "save_one_step_pipeline",
     "DIVERGENCES", "EMA", "WEIGHTINGS", "DiscriminatorHead", "FDistillConfig", "FDistillRun", "MLPDenoiser",
     "OneStepGenerator", "RatioNormalizer", "ScoreModel", "canonical_divergence", "density_ratio", "dmd_normalizer",
     "dsm_loss", "exact_teacher", "fdistill_weights", "fit_mlp_teacher", "gan_discriminator_loss",

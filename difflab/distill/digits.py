@@ -1,8 +1,8 @@
 """One-step distillation of the built-in digits models (and any DigitsPipeline directory).
 
 The pieces of :mod:`difflab.distill.lowdim` (f-distill steps, EMA, checkpoints) and of
-:mod:`difflab.distill.disback` run unchanged on :class:`DigitsDistillProblem`, which supplies what is
-image-specific:
+:mod:`difflab.distill.disback` run unchanged on :class:`UNetDistillProblem`, which supplies what is
+image-specific (other diffusers UNet pipelines build the same problem in :mod:`difflab.distill.pipelines`):
 
 * the teacher is the pipeline's class-conditional ``UNet2DModel`` (eps, v or flow velocity), with
   optional classifier-free guidance on its output (:class:`GuidedDenoiser`, Ho & Salimans 2022 eq. 6);
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -58,38 +59,56 @@ def unet_mid_features(module: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
 
 class GuidedDenoiser(nn.Module):
     """A class-conditional UNet with classifier-free guidance on its raw output (one batched call, the
-    null class as the unconditional label: :func:`difflab.models.digits.guided_unet_output`)."""
+    null class ``null_label`` as the unconditional label: :func:`difflab.models.digits.guided_unet_output`)."""
 
-    def __init__(self, unet: nn.Module, guidance_scale: float):
+    def __init__(self, unet: nn.Module, guidance_scale: float, null_label: int | None = None):
+        from ..models.digits import NULL_CLASS
+
         super().__init__()
         self.module, self.guidance_scale = unet, float(guidance_scale)
+        self.null_label = NULL_CLASS if null_label is None else int(null_label)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor, **kw: Any):
         from diffusers.models.unets.unet_2d import UNet2DOutput
 
         from ..models.digits import guided_unet_output
 
-        return UNet2DOutput(sample=guided_unet_output(self.module, sample, timestep, class_labels, self.guidance_scale))
+        return UNet2DOutput(sample=guided_unet_output(self.module, sample, timestep, class_labels, self.guidance_scale,
+                                                      self.null_label))
 
 
 @dataclass
-class DigitsDistillProblem:
-    """The fixed parts of a digits distillation run (the methods the f-distill / DisBack steps call)."""
+class UNetDistillProblem:
+    """The fixed parts of a distillation run with a UNet teacher (the methods the f-distill / DisBack steps call).
+
+    ``images`` are the real samples in the space the UNet works in (pixels, or VAE latents for latent
+    pipelines) and ``labels`` their classes (digits) or prompt indices (text pipelines), or None for an
+    unconditional UNet (``num_classes = 0``). ``pipeline`` is the teacher pipeline of a non-digits run
+    (:mod:`difflab.distill.pipelines`), whose other components the saved result reuses.
+    """
 
     schedule: NoiseSchedule
     teacher: ScoreModel
     teacher_net: nn.Module
     prediction_type: str
     images: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor | None
     scheduler_config: dict
     num_classes: int = 10
+    pipeline: Any = None
+    prompts: list[str] | None = None
 
     @property
+    def is_digits(self) -> bool:
+        return self.pipeline is None
+
+    @cached_property
     def feature_dim(self) -> int:
-        cfg = self.teacher_net.config
-        size = cfg.sample_size // 2 ** (len(cfg.block_out_channels) - 1)
-        return cfg.block_out_channels[-1] * size * size
+        """Width of the discriminator head's input: the teacher's mid-block activations of one sample."""
+        x = torch.zeros(1, *self.sample_shape)
+        labels = None if self.num_classes == 0 else torch.zeros(1, dtype=torch.long)
+        with torch.no_grad():
+            return self.teacher_features(x, torch.full((1,), float(self.schedule.t_max)), labels).shape[1]
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -98,29 +117,42 @@ class DigitsDistillProblem:
     def t_bounds(self, config: FDistillConfig) -> tuple[float, float]:
         return config.t_range[0] * self.schedule.t_max, config.t_range[1] * self.schedule.t_max
 
-    def draw_noise(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Generator inputs: pure noise and classes drawn uniformly from 0..num_classes-1."""
+    def draw_noise(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Generator inputs: pure noise and classes drawn uniformly from 0..num_classes-1 (None: unconditional)."""
         z = torch.randn(n, *self.sample_shape, generator=g)
-        return z, torch.randint(0, self.num_classes, (n,), generator=g)
+        return z, None if self.num_classes == 0 else torch.randint(0, self.num_classes, (n,), generator=g)
 
-    def draw_real(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch of real train-split digits (with replacement) and their labels."""
+    def draw_real(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch of real training samples (with replacement) and their labels."""
         idx = torch.randint(0, len(self.images), (n,), generator=g)
-        return self.images[idx], self.labels[idx]
+        return self.images[idx], None if self.labels is None else self.labels[idx]
 
     def score(self, module: nn.Module) -> ScoreModel:
         return ScoreModel(module, self.prediction_type, feature_fn=unet_mid_features)
 
     def teacher_features(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return unet_mid_features(self.teacher_net, x_t, t, class_labels=labels)[1]
+        cond = {} if labels is None else {"class_labels": labels}
+        return unet_mid_features(self.teacher_net, x_t, t, **cond)[1]
 
 
-def digits_distill_problem(model: str = "digits-ddpm", guidance_scale: float = 1.0) -> DigitsDistillProblem:
-    """The problem of a built-in digits model name or a DigitsPipeline directory, teacher CFG ``guidance_scale``."""
+DigitsDistillProblem = UNetDistillProblem  # the name of the digits-only version
+
+
+def schedule_of(scheduler_config: dict) -> tuple[NoiseSchedule, str]:
+    """(noise schedule, prediction type) of a pipeline's scheduler config (flow models: flow velocity)."""
+    schedule = NoiseSchedule.from_config(scheduler_config)
+    if schedule.kind == "flow":
+        return schedule, "flow_prediction"
+    return schedule, scheduler_config.get("prediction_type", "epsilon")
+
+
+def digits_distill_problem(model: Any = "digits-ddpm", guidance_scale: float = 1.0) -> UNetDistillProblem:
+    """The problem of a built-in digits model name, a DigitsPipeline directory or a loaded DigitsPipeline,
+    teacher CFG ``guidance_scale``."""
     from ..models import load
     from ..models.digits import load_digits_dataset
 
-    pipe = load(model)
+    pipe = load(model) if isinstance(model, (str, Path)) else model
     unet = getattr(pipe, "unet", None)
     if unet is None or not hasattr(unet, "mid_block") or not getattr(unet.config, "num_class_embeds", None):
         raise ValueError(f"{model!r} is not a class-conditional digits pipeline (a UNet2DModel with class "
@@ -128,14 +160,12 @@ def digits_distill_problem(model: str = "digits-ddpm", guidance_scale: float = 1
     if guidance_scale < 1.0:
         raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}.")
     scheduler_config = dict(pipe.scheduler.config)
-    schedule = NoiseSchedule.from_config(scheduler_config)
-    prediction_type = "flow_prediction" if schedule.kind == "flow" else scheduler_config.get("prediction_type",
-                                                                                             "epsilon")
+    schedule, prediction_type = schedule_of(scheduler_config)
     unet = unet.float().eval().requires_grad_(False)
     teacher_module = unet if guidance_scale == 1.0 else GuidedDenoiser(unet, guidance_scale)
     images, labels = load_digits_dataset("train")
-    return DigitsDistillProblem(schedule, ScoreModel(teacher_module, prediction_type), unet, prediction_type,
-                                images, labels, scheduler_config)
+    return UNetDistillProblem(schedule, ScoreModel(teacher_module, prediction_type), unet, prediction_type,
+                              images, labels, scheduler_config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +173,7 @@ def digits_distill_problem(model: str = "digits-ddpm", guidance_scale: float = 1
 # --------------------------------------------------------------------------------------------
 
 
-def one_step_scheduler(problem: DigitsDistillProblem, timestep: float):
+def one_step_scheduler(problem: UNetDistillProblem, timestep: float):
     """A diffusers scheduler whose single step calls the UNet at ``timestep`` on pure noise and returns
     its x0 prediction: G(z) of a generator conditioned at ``timestep``.
 
@@ -162,19 +192,30 @@ def one_step_scheduler(problem: DigitsDistillProblem, timestep: float):
     if float(timestep) != int(timestep):
         raise ValueError(f"a one-step VP pipeline needs an integer generator timestep, got {timestep}.")
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
-    return DDIMScheduler(**{k: cfg[k] for k in keys if k in cfg}, clip_sample=False, set_alpha_to_one=True,
+    kwargs = {k: cfg[k] for k in keys if k in cfg}
+    if int(timestep) == int(problem.schedule.t_max):
+        # 'trailing' puts the one step at t_max whatever steps_offset a pipeline enforces (Stable Diffusion
+        # pipelines reset it to 1)
+        return DDIMScheduler(**kwargs, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing",
+                             steps_offset=1)
+    return DDIMScheduler(**kwargs, clip_sample=False, set_alpha_to_one=True,
                          timestep_spacing="leading", steps_offset=int(timestep))
 
 
-def one_step_pipeline(generator: OneStepGenerator, problem: DigitsDistillProblem):
-    """A DigitsPipeline of the generator's UNet that reproduces ``generator(z, labels)`` with
-    ``num_inference_steps=1, guidance_scale=1``."""
+def one_step_pipeline(generator: OneStepGenerator, problem: UNetDistillProblem):
+    """The teacher's pipeline with the generator's UNet and :func:`one_step_scheduler`: it reproduces
+    ``generator(z, labels)`` with ``num_inference_steps=1, guidance_scale=1`` (a DigitsPipeline for digits)."""
     from ..models.digits import DigitsPipeline
 
-    return DigitsPipeline(unet=_inner(generator.denoiser), scheduler=one_step_scheduler(problem, generator.timestep))
+    unet, scheduler = _inner(generator.denoiser), one_step_scheduler(problem, generator.timestep)
+    if problem.is_digits:
+        return DigitsPipeline(unet=unet, scheduler=scheduler)
+    from .pipelines import with_components
+
+    return with_components(problem.pipeline, unet=unet, scheduler=scheduler)
 
 
-def save_one_step_pipeline(generator: OneStepGenerator, problem: DigitsDistillProblem, output_dir: str | Path,
+def save_one_step_pipeline(generator: OneStepGenerator, problem: UNetDistillProblem, output_dir: str | Path,
                            extra: dict | None = None) -> Path:
     """Save the one-step pipeline and its call settings (one step, no guidance) to ``output_dir``."""
     output_dir = Path(output_dir)
@@ -185,7 +226,7 @@ def save_one_step_pipeline(generator: OneStepGenerator, problem: DigitsDistillPr
 
 
 @torch.no_grad()
-def student_samples(generator: OneStepGenerator, problem: DigitsDistillProblem, per_class: int = 50,
+def student_samples(generator: OneStepGenerator, problem: UNetDistillProblem, per_class: int = 50,
                     seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
     """(images in model space, labels): ``per_class`` one-step samples of every class, fixed noise."""
     labels = torch.arange(problem.num_classes).repeat_interleave(per_class)
@@ -197,7 +238,7 @@ def student_samples(generator: OneStepGenerator, problem: DigitsDistillProblem, 
     return images, labels
 
 
-def save_student_grid(generator: OneStepGenerator, problem: DigitsDistillProblem, path: str | Path,
+def save_student_grid(generator: OneStepGenerator, problem: UNetDistillProblem, path: str | Path,
                       per_class: int = 8, seed: int = 1234) -> Path:
     """A labelled PNG grid of one-step samples, one row per class (fixed noise)."""
     from ..models.digits import make_grid
@@ -208,7 +249,7 @@ def save_student_grid(generator: OneStepGenerator, problem: DigitsDistillProblem
     return Path(path)
 
 
-def evaluate_student(generator: OneStepGenerator, problem: DigitsDistillProblem, per_class: int = 50,
+def evaluate_student(generator: OneStepGenerator, problem: UNetDistillProblem, per_class: int = 50,
                      seed: int = 1234) -> dict:
     """FD-digits (against the held-out digits), class accuracy and the noise floor of one-step samples."""
     from ..eval.digits import evaluate_digits

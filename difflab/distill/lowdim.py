@@ -143,7 +143,7 @@ class LowDimProblem:
     """The fixed parts of a run: data, schedule, teacher, and the network whose features the head reads.
 
     The step functions only use the methods below, so an image problem
-    (:class:`difflab.distill.digits.DigitsDistillProblem`) plugs into the same steps.
+    (:class:`difflab.distill.digits.UNetDistillProblem`) plugs into the same steps.
     """
 
     mixture: GaussianMixture

@@ -74,8 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add = parser.add_argument
     add("--output_dir", required=True, help="Where checkpoints, nodes (DisBack) and the final generator go.")
     add("--model", default=None,
-        help="Teacher pipeline: digits-ddpm, digits-flow or a DigitsPipeline directory (default: a Gaussian "
-             "mixture, see --mixture).")
+        help="Teacher pipeline: digits-ddpm, digits-flow, a DigitsPipeline directory, or a diffusers DDPMPipeline / "
+             "Stable Diffusion directory with --train_data_dir (default: a Gaussian mixture, see --mixture).")
+    add("--train_data_dir", default=None,
+        help="Real training images for a --model that is not a digits model (the discriminator's data): a folder of "
+             "images, with a metadata.jsonl of {\"file_name\": ..., \"text\": CAPTION} lines for text pipelines.")
     add("--guidance_scale", type=float, default=1.0, help="Classifier-free guidance of a --model teacher (1 = none).")
     add("--generator_timestep", default="auto",
         help="Diffusers timestep at which the generator's UNet sees pure noise: a number, 'max', or 'auto' (the "
@@ -183,6 +186,8 @@ def build_config(args: argparse.Namespace):
         raise ValueError(f"--mixture ring8 is 2-D; use --mixture random for --dim {args.dim}.")
     if args.model is None and args.guidance_scale != 1.0:
         raise ValueError("--guidance_scale applies to a --model teacher; the mixture teacher is the exact score.")
+    if args.model is None and args.train_data_dir is not None:
+        raise ValueError("--train_data_dir applies to a --model teacher; the mixture's real data are exact samples.")
     parse_generator_timestep(args.generator_timestep)
     base = FDistillConfig(
         divergence=args.divergence, max_train_steps=args.max_train_steps, batch_size=args.train_batch_size,
@@ -351,9 +356,9 @@ def build_problem(args: argparse.Namespace, progress: bool):
     from .lowdim import LowDimProblem, exact_teacher, fit_mlp_teacher
 
     if args.model is not None:
-        from .digits import digits_distill_problem
+        from .pipelines import distill_problem
 
-        return digits_distill_problem(args.model, args.guidance_scale), None
+        return distill_problem(args.model, args.guidance_scale, args.train_data_dir), None
     mixture, schedule = build_mixture(args), NoiseSchedule.from_config(SCHEDULE)
     teacher_net = fit_mlp_teacher(mixture, schedule, "epsilon", steps=args.teacher_steps, hidden=args.teacher_hidden,
                                   depth=args.teacher_depth, seed=args.seed, progress=progress)
@@ -362,12 +367,17 @@ def build_problem(args: argparse.Namespace, progress: bool):
 
 
 def digits_validator(args: argparse.Namespace, problem, output_dir: Path, runtime):
-    """``on_step(state)``: every ``--validation_steps`` iterations (main process), FD-digits and accuracy of
-    the EMA generator into ``state.history`` and a ``validation-N.png`` grid."""
+    """``on_step(state)``: every ``--validation_steps`` iterations (main process), a ``validation-N.png`` grid of
+    the EMA generator, and for digits its FD-digits and accuracy into ``state.history``."""
     from .digits import evaluate_student, save_student_grid
+    from .pipelines import save_pipeline_student_grid
 
     def on_step(state) -> None:
         if state.step % args.validation_steps or not runtime.is_main:
+            return
+        if not problem.is_digits:
+            save_pipeline_student_grid(state.ema.model, problem, output_dir / f"validation-{state.step}.png",
+                                       seed=args.seed + 1)
             return
         score = evaluate_student(state.ema.model, problem, args.validation_per_class, seed=args.seed + 1)
         state.history.append({"step": state.step, "validation": True, "fd_digits": score["fd_digits"],
@@ -403,6 +413,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         accelerator.print(f"No checkpoint found in {output_dir}; starting a new run.")
     problem, mixture = build_problem(args, progress and runtime.is_main)
     generator_timestep = set_generator_timestep(config, args, problem)
+    if mixture is None and not problem.is_digits:
+        from .pipelines import check_one_step_timestep
+
+        check_one_step_timestep(problem, generator_timestep)
     on_step = digits_validator(args, problem, output_dir, runtime) if mixture is None else None
     start = time.perf_counter()
     if args.method == "f-distill":
@@ -422,8 +436,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "generator_timestep": generator_timestep, **extra}
     accelerator.wait_for_everyone()
     if done and runtime.is_main:
-        finish = _finish_mixture(args, output_dir, state, mixture) if mixture is not None else \
-            _finish_digits(args, output_dir, state, problem)
+        if mixture is not None:
+            finish = _finish_mixture(args, output_dir, state, mixture)
+        else:
+            finish = (_finish_digits if problem.is_digits else _finish_pipeline)(args, output_dir, state, problem)
         summary.update(finish)
         with open(output_dir / "train_summary.json", "w") as f:
             json.dump({**summary, "history": state.history, "args": vars(args)}, f, indent=1, default=str)
@@ -461,6 +477,21 @@ def _finish_digits(args: argparse.Namespace, output_dir: Path, state, problem) -
     print(f"wrote the one-step pipeline {output_dir} and {output_dir / 'samples.png'}; FD-digits "
           f"{score['fd_digits']:.1f} (noise floor {score['noise_floor']:.1f}), accuracy {score['accuracy']:.3f}")
     return {"fd_digits": score["fd_digits"], "accuracy": score["accuracy"], "noise_floor": score["noise_floor"]}
+
+
+def _finish_pipeline(args: argparse.Namespace, output_dir: Path, state, problem) -> dict:
+    """Save the EMA generator as a one-step pipeline of the teacher's class, with a sample grid."""
+    from .digits import save_one_step_pipeline
+    from .pipelines import save_pipeline_student_grid
+
+    ema = state.ema.model.eval()
+    save_one_step_pipeline(ema, problem, output_dir, {"teacher": args.model, "method": args.method,
+                                                       "divergence": args.divergence})
+    save_pipeline_student_grid(ema, problem, output_dir / "samples.png", seed=args.seed + 1, write_prompts=True)
+    call = "num_inference_steps=1" + (", guidance_scale=1.0" if problem.prompts is not None else "")
+    print(f"wrote the one-step {type(problem.pipeline).__name__} {output_dir} and {output_dir / 'samples.png'} "
+          f"(call it with {call})")
+    return {}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:

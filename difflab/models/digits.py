@@ -194,14 +194,14 @@ def _postprocess(x: torch.Tensor, output_type: str) -> torch.Tensor | np.ndarray
 
 
 def guided_unet_output(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor | float, labels: torch.Tensor,
-                       guidance_scale: float) -> torch.Tensor:
+                       guidance_scale: float, null_label: int = NULL_CLASS) -> torch.Tensor:
     """Raw output of a class-conditional UNet, with classifier-free guidance when ``guidance_scale > 1``:
     ONE call on the rows ``[cond; null]`` and ``uncond + w * (cond - uncond)`` (Ho & Salimans 2022, eq. 6)."""
     if guidance_scale <= 1.0:
         return unet(x, t, class_labels=labels).sample
     t = torch.as_tensor(t, device=x.device)
     t = torch.cat([t, t]) if t.ndim > 0 and t.numel() > 1 else t
-    null = torch.full_like(labels, NULL_CLASS)
+    null = torch.full_like(labels, null_label)
     cond, uncond = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample.chunk(2)
     return uncond + guidance_scale * (cond - uncond)
 

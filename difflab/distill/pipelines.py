@@ -1,0 +1,274 @@
+"""One-step distillation of diffusers UNet pipelines beyond the digits models.
+
+Two kinds of teacher join the digits models (:mod:`difflab.distill.digits`):
+
+* unconditional ``UNet2DModel`` pipelines (``DDPMPipeline``, ``DDIMPipeline``);
+* text-conditioned ``UNet2DConditionModel`` pipelines (``StableDiffusionPipeline`` and its relatives), in
+  the VAE's latent space.
+
+Both become a :class:`~difflab.distill.digits.UNetDistillProblem`, so the f-distill and DisBack steps run
+on them unchanged:
+
+* Real data, which the discriminator needs (f-distill's density ratio comes from it), are read from an
+  image folder in the layout of diffusers' training examples: image files, and for text pipelines a
+  ``metadata.jsonl`` with a ``file_name`` and a ``text`` per line (``train_text_to_image.py``'s
+  ``imagefolder``). Images are resized (shorter side) and centre-cropped to the pipeline's resolution.
+* Latent pipelines encode the real images once with the VAE (``latent_dist.mean * scaling_factor``).
+* The captions form a finite prompt set. Each is encoded once by the pipeline's ``encode_prompt``, and
+  :class:`PromptConditionedUNet` calls the UNet with the embedding of the prompt whose index arrives as
+  ``class_labels``. The engine's class-label plumbing thus carries the prompts. The empty prompt is the
+  extra last index, the null label of classifier-free guidance.
+
+The result is the teacher pipeline with the generator's UNet and a one-step scheduler, written with
+``save_pretrained``. For a text pipeline:
+``StableDiffusionPipeline.from_pretrained(DIR)(prompt, num_inference_steps=1, guidance_scale=1.0)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .digits import GuidedDenoiser, UNetDistillProblem, digits_distill_problem, schedule_of
+from .engine import ScoreModel
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+METADATA_FILE = "metadata.jsonl"
+ENCODE_BATCH = 16
+
+
+class PromptConditionedUNet(nn.Module):
+    """A ``UNet2DConditionModel`` called like a class-conditional UNet: ``class_labels`` index a fixed table
+    of prompt embeddings (rows: the prompts, then the empty prompt)."""
+
+    def __init__(self, unet: nn.Module, prompt_embeds: torch.Tensor):
+        super().__init__()
+        self.module = unet
+        # not in the state dict: checkpoints and DisBack nodes hold the UNet's weights only
+        self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
+
+    @property
+    def null_label(self) -> int:
+        return len(self.prompt_embeds) - 1
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None,
+                **kwargs: Any):
+        if class_labels is None:
+            raise ValueError("a text-conditioned UNet needs prompt indices as class_labels.")
+        embeds = self.prompt_embeds[class_labels.to(self.prompt_embeds.device)]
+        return self.module(sample, timestep, encoder_hidden_states=embeds)
+
+
+def with_components(pipeline: Any, **components: Any) -> Any:
+    """A new pipeline of ``pipeline``'s class with some components replaced (no safety-checker warning)."""
+    kwargs = {**pipeline.components, **components}
+    if "requires_safety_checker" in inspect.signature(type(pipeline).__init__).parameters:
+        kwargs["requires_safety_checker"] = False
+    return type(pipeline)(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Real data
+# --------------------------------------------------------------------------------------------
+
+
+def _image_files(folder: Path, need_captions: bool) -> tuple[list[Path], list[str] | None]:
+    metadata = folder / METADATA_FILE
+    if metadata.is_file():
+        rows = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
+        missing = [i + 1 for i, r in enumerate(rows) if "file_name" not in r or (need_captions and "text" not in r)]
+        if missing:
+            raise ValueError(f"{metadata}: line(s) {missing[:5]} lack 'file_name'" +
+                             (" or 'text'" if need_captions else "") + "; every line needs "
+                             '{"file_name": "IMAGE", "text": "CAPTION"}.')
+        return [folder / r["file_name"] for r in rows], [str(r["text"]) for r in rows] if need_captions else None
+    if need_captions:
+        raise ValueError(f"{folder} has no {METADATA_FILE}: a text-conditioned teacher needs captions. Add one line "
+                         '{"file_name": "IMAGE", "text": "CAPTION"} per image (diffusers\' imagefolder layout).')
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES), None
+
+
+def _to_tensor(image: Any, size: int, channels: int) -> torch.Tensor:
+    """A PIL image resized (shorter side to ``size``, bicubic), centre-cropped, in [-1, 1], shape (C, size, size)."""
+    from PIL import Image
+
+    image = image.convert("L" if channels == 1 else "RGB")
+    scale = size / min(image.size)
+    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((w, h), Image.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(size, size, channels)
+    return x.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def load_image_folder(folder: str | Path, size: int, channels: int,
+                      need_captions: bool = False) -> tuple[torch.Tensor, list[str] | None]:
+    """(images (N, C, size, size) in [-1, 1], captions or None) of an image folder (see the module docstring)."""
+    from PIL import Image
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--train_data_dir {folder} is not a directory; pass a folder of training images.")
+    files, captions = _image_files(folder, need_captions)
+    if not files:
+        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); put the training images there.")
+    absent = [str(f) for f in files if not f.is_file()]
+    if absent:
+        raise FileNotFoundError(f"{len(absent)} image(s) named in {folder / METADATA_FILE} are missing, e.g. "
+                                f"{absent[0]}.")
+    images = []
+    for path in files:
+        with Image.open(path) as image:
+            images.append(_to_tensor(image, size, channels))
+    return torch.stack(images), captions
+
+
+@torch.no_grad()
+def encode_images(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """VAE latents ``latent_dist.mean * scaling_factor`` of images in [-1, 1] (batches of 16)."""
+    latents = [vae.encode(batch).latent_dist.mean for batch in images.split(ENCODE_BATCH)]
+    return torch.cat(latents) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(vae: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] of samples in the UNet's space (the samples themselves without a VAE)."""
+    if vae is None:
+        return x
+    return torch.cat([vae.decode(b / vae.config.scaling_factor).sample for b in x.split(ENCODE_BATCH)])
+
+
+@torch.no_grad()
+def encode_prompts(pipeline: Any, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings (P, L, D) of the prompts by the pipeline's own ``encode_prompt``."""
+    embeds, _ = pipeline.encode_prompt(prompts, "cpu", 1, False)
+    return embeds.float()
+
+
+# --------------------------------------------------------------------------------------------
+# The problem
+# --------------------------------------------------------------------------------------------
+
+
+def _is_digits_pipeline(pipeline: Any) -> bool:
+    from ..models.digits import DigitsPipeline
+
+    return isinstance(pipeline, DigitsPipeline)
+
+
+def distill_problem(model: str, guidance_scale: float = 1.0, train_data_dir: str | None = None) -> UNetDistillProblem:
+    """The distillation problem of ``--model``: a digits model (built-in name or DigitsPipeline directory), or a
+    diffusers UNet pipeline directory with real training images in ``train_data_dir``."""
+    from ..models import load
+
+    pipeline = load(model)
+    if _is_digits_pipeline(pipeline):
+        return digits_distill_problem(pipeline, guidance_scale)
+    return pipeline_distill_problem(pipeline, train_data_dir, guidance_scale, name=str(model))
+
+
+def pipeline_distill_problem(pipeline: Any, train_data_dir: str | Path | None, guidance_scale: float = 1.0,
+                             name: str = "the pipeline") -> UNetDistillProblem:
+    """The problem of a loaded diffusers pipeline with a ``UNet2DModel`` (unconditional) or a
+    ``UNet2DConditionModel`` (text-conditioned) and the real images of ``train_data_dir``."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    unet = getattr(pipeline, "unet", None)
+    if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
+        raise ValueError(f"{name} ({type(pipeline).__name__}) has no UNet2DModel / UNet2DConditionModel as "
+                         "pipe.unet; one-step distillation supports DDPMPipeline / DDIMPipeline, Stable Diffusion "
+                         "(1.x / 2.x) pipelines and the digits models.")
+    text = isinstance(unet, UNet2DConditionModel)
+    if isinstance(unet, UNet2DModel) and unet.config.num_class_embeds:
+        raise ValueError(f"{name}: class-conditional UNet2DModel pipelines other than DigitsPipeline are not "
+                         "supported (their class labels have no dataset convention); use an unconditional one.")
+    if text and not callable(getattr(pipeline, "encode_prompt", None)):
+        raise ValueError(f"{name} ({type(pipeline).__name__}) has no encode_prompt; use a Stable Diffusion pipeline.")
+    if text and getattr(unet.config, "addition_embed_type", None):
+        raise ValueError(f"{name}: UNets with added conditioning ({unet.config.addition_embed_type}, e.g. SDXL) are "
+                         "not supported; use a Stable Diffusion 1.x / 2.x pipeline.")
+    if train_data_dir is None:
+        raise ValueError(f"--train_data_dir is needed to distil {name}: a folder of real training images (the "
+                         "discriminator's data)" + (", with a metadata.jsonl of captions." if text else "."))
+    if guidance_scale < 1.0:
+        raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}.")
+    if not text and guidance_scale != 1.0:
+        raise ValueError(f"{name} is unconditional: classifier-free guidance needs a conditional teacher; "
+                         "leave --guidance_scale at 1.")
+    vae = getattr(pipeline, "vae", None)
+    pixel_size = unet.config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
+    channels = vae.config.in_channels if vae is not None else unet.config.in_channels
+    images, captions = load_image_folder(train_data_dir, pixel_size, channels, need_captions=text)
+    data = encode_images(vae.float().eval(), images) if vae is not None else images
+    scheduler_config = dict(pipeline.scheduler.config)
+    schedule, prediction_type = schedule_of(scheduler_config)
+    unet = unet.float().eval().requires_grad_(False)
+    labels, prompts, net = None, None, unet
+    if text:
+        prompts = sorted(set(captions))
+        labels = torch.tensor([prompts.index(c) for c in captions])
+        net = PromptConditionedUNet(unet, encode_prompts(pipeline, prompts + [""]))
+    teacher = net if guidance_scale == 1.0 else GuidedDenoiser(net, guidance_scale, net.null_label)
+    return UNetDistillProblem(schedule, ScoreModel(teacher, prediction_type), net, prediction_type, data, labels,
+                              scheduler_config, num_classes=0 if prompts is None else len(prompts),
+                              pipeline=pipeline, prompts=prompts)
+
+
+# --------------------------------------------------------------------------------------------
+# Samples of the student
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def pipeline_student_images(generator: nn.Module, problem: UNetDistillProblem, per_prompt: int = 8,
+                            max_prompts: int = 8, seed: int = 1234) -> tuple[torch.Tensor, list[str] | None]:
+    """(decoded images in [-1, 1], row labels): ``per_prompt`` one-step samples of each of the first
+    ``max_prompts`` prompts (text pipelines) or one row of ``per_prompt`` samples, fixed noise."""
+    rows = 1 if problem.num_classes == 0 else min(problem.num_classes, max_prompts)
+    labels = None if problem.num_classes == 0 else torch.arange(rows).repeat_interleave(per_prompt)
+    z = torch.randn(rows * per_prompt, *problem.sample_shape, generator=torch.Generator().manual_seed(seed))
+    was_training = generator.training
+    generator.eval()
+    x0 = generator(z, labels)
+    generator.train(was_training)
+    names = None if problem.prompts is None else problem.prompts[:rows]
+    return decode_latents(getattr(problem.pipeline, "vae", None), x0), names
+
+
+def save_pipeline_student_grid(generator: nn.Module, problem: UNetDistillProblem, path: str | Path,
+                               seed: int = 1234, write_prompts: bool = False) -> Path:
+    """A PNG grid of one-step samples, one row per prompt (text pipelines), fixed noise; with
+    ``write_prompts`` the rows' prompts go to a .txt file next to it."""
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    per_prompt = 8
+    images, _ = pipeline_student_images(generator, problem, per_prompt, seed=seed)
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    tiles = [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
+    make_image_grid(tiles, rows=len(tiles) // per_prompt, cols=per_prompt).save(path)
+    if write_prompts and problem.prompts is not None:
+        Path(path).with_suffix(".txt").write_text("\n".join(problem.prompts[:len(tiles) // per_prompt]) + "\n")
+    return Path(path)
+
+
+def check_one_step_timestep(problem: UNetDistillProblem, timestep: float) -> None:
+    """ValueError before training when the saved pipeline could not make its one step at ``timestep``
+    (a pipeline class that rewrites the scheduler's ``steps_offset``, with the generator below t_max)."""
+    from .digits import one_step_scheduler
+
+    with warnings.catch_warnings():  # the pipeline's own deprecation warning when it rewrites steps_offset
+        warnings.simplefilter("ignore", FutureWarning)
+        scheduler = with_components(problem.pipeline, scheduler=one_step_scheduler(problem, timestep)).scheduler
+    scheduler.set_timesteps(1)
+    if problem.schedule.kind != "flow" and float(scheduler.timesteps[0]) != float(timestep):
+        raise ValueError(f"{type(problem.pipeline).__name__} would run its one step at timestep "
+                         f"{float(scheduler.timesteps[0]):g}, not at the generator's {timestep:g} (it rewrites the "
+                         "scheduler's steps_offset); pass --generator_timestep max.")

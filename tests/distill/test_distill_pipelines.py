@@ -1,0 +1,116 @@
+"""One-step distillation of diffusers UNet pipelines (tiny DDPM and Stable Diffusion teachers built from configs)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, StableDiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from safetensors.torch import load_file
+
+from difflab.cli import main
+from difflab.distill.nets import OneStepGenerator
+from difflab.distill.pipelines import (
+    PromptConditionedUNet,
+    encode_prompts,
+    load_image_folder,
+    pipeline_distill_problem,
+)
+from difflab.models.tiny import tiny_ddpm_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
+from difflab.schedule import NoiseSchedule
+
+CAPTIONS = ["a red square", "a blue circle", "a cat"]
+FLAGS = ["--max_train_steps", "4", "--train_batch_size", "4", "--critic_updates", "1", "--validation_steps", "2",
+         "--checkpointing_steps", "2", "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Saved tiny teachers and two image folders (non-square images; one with captions)."""
+    root = tmp_path_factory.mktemp("pipelines")
+    tiny_ddpm_pipeline().save_pretrained(root / "ddpm")
+    tiny_sd_pipeline().save_pretrained(root / "sd")
+    rng = np.random.default_rng(0)
+    for folder in ("plain", "captioned"):
+        (root / folder).mkdir()
+        for i in range(9):
+            Image.fromarray((rng.random((20, 28, 3)) * 255).astype("uint8")).save(root / folder / f"{i}.png")
+    rows = [{"file_name": f"{i}.png", "text": CAPTIONS[i % 3]} for i in range(9)]
+    (root / "captioned" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _distill(method: str, model: Path, images: Path, out: Path, *extra: str) -> None:
+    main(["distill", method, "--model", str(model), "--train_data_dir", str(images), "--output_dir", str(out),
+          *FLAGS, *extra])
+
+
+def test_image_folder_is_resized_cropped_and_captioned(data):
+    images, captions = load_image_folder(data / "captioned", 8, 3, need_captions=True)
+    assert images.shape == (9, 3, 8, 8) and images.min() >= -1 and images.max() <= 1
+    assert captions == [CAPTIONS[i % 3] for i in range(9)]
+    gray, none = load_image_folder(data / "plain", 4, 1)
+    assert gray.shape == (9, 1, 4, 4) and none is None
+
+
+def test_unconditional_ddpm_student_is_a_one_step_ddpm_pipeline(data, tmp_path):
+    _distill("f-distill", data / "ddpm", data / "plain", tmp_path)
+    for name in ("samples.png", "validation-2.png", "train_summary.json", "model_index.json"):
+        assert (tmp_path / name).is_file(), name
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["finished"] and summary["generator_timestep"] < 999  # linear betas: the auto rule's timestep
+    pipe = DDPMPipeline.from_pretrained(tmp_path)
+    out = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=1, output_type="np")
+    z = randn_tensor((2, 3, 8, 8), generator=torch.Generator().manual_seed(3))
+    schedule = NoiseSchedule.from_config(pipe.scheduler.config)
+    student = OneStepGenerator(pipe.unet, schedule, summary["generator_timestep"], prediction_type="epsilon")
+    with torch.no_grad():
+        expected = (student(z) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(out.images, expected, atol=1e-5)
+
+
+def test_text_student_is_a_one_step_stable_diffusion_pipeline(data, tmp_path):
+    _distill("f-distill", data / "sd", data / "captioned", tmp_path, "--guidance_scale", "2")
+    assert (tmp_path / "samples.txt").read_text().split("\n")[:3] == sorted(CAPTIONS)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path, safety_checker=None, requires_safety_checker=False)
+    teacher = StableDiffusionPipeline.from_pretrained(data / "sd", safety_checker=None, requires_safety_checker=False)
+    changed = max((a - b).abs().max().item() for a, b in zip(pipe.unet.parameters(), teacher.unet.parameters()))
+    assert changed > 0  # the UNet was trained
+    z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(5))
+    out = pipe(["a cat", "a cat"], num_inference_steps=1, guidance_scale=1.0, latents=z, output_type="latent").images
+    student = OneStepGenerator(PromptConditionedUNet(pipe.unet, encode_prompts(pipe, ["a cat"])),
+                               NoiseSchedule.from_config(pipe.scheduler.config), 999, prediction_type="epsilon")
+    with torch.no_grad():
+        expected = student(z, torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_text_disback_resumes_to_the_same_weights(data, tmp_path):
+    flags = ["--num_nodes", "2", "--node_interval", "2", "--backtrack_interval", "2", "--max_train_steps", "5"]
+    _distill("disback", data / "sd", data / "captioned", tmp_path / "a", *flags)
+    _distill("disback", data / "sd", data / "captioned", tmp_path / "b", *flags, "--stop_after_steps", "4")
+    _distill("disback", data / "sd", data / "captioned", tmp_path / "b", *flags, "--resume_from_checkpoint", "latest")
+    name = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_pipeline_problems_explain_what_is_missing(data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["distill", "f-distill", "--model", str(data / "sd"), "--output_dir", str(tmp_path), *FLAGS])
+    assert "--train_data_dir is needed" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _distill("f-distill", data / "sd", data / "plain", tmp_path)
+    assert "metadata.jsonl" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _distill("f-distill", data / "sd", data / "captioned", tmp_path, "--generator_timestep", "500")
+    assert "--generator_timestep max" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _distill("f-distill", data / "ddpm", data / "plain", tmp_path, "--guidance_scale", "2")
+    assert "unconditional" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no UNet2DModel / UNet2DConditionModel"):
+        pipeline_distill_problem(tiny_sd3_pipeline(), data / "plain")
+    assert not list(tmp_path.glob("checkpoint-*"))
