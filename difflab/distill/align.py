@@ -50,7 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     parser.set_defaults(method=method)
     add = parser.add_argument
     add("--output_dir", required=True, help="Where checkpoints, validation grids and the aligned model go.")
-    add("--model", default="digits-flow", help="digits-flow, digits-ddpm, a DigitsPipeline directory, or mixture.")
+    add("--model", default="digits-flow",
+        help="digits-flow, digits-ddpm, a DigitsPipeline directory, mixture, or a diffusers DDPMPipeline / Stable "
+             "Diffusion directory (with --prompts).")
+    add("--prompts", nargs="+", default=None,
+        help="Text pipelines: the prompts (or one .txt file with a prompt per line); the groups take them in turn.")
     add("--reward", default=None, help="class:K, ink, region:X,Y,R or a weighted sum (default: class:3 for digits, "
                                        "region:0.8,0,0.3 for the mixture).")
     add("--label", default="null", help="Digits: the class the samples are drawn for, or 'null' (unconditional).")
@@ -126,12 +130,42 @@ def build_problem(args: argparse.Namespace):
         reward = build_reward(args.reward or "region:0.8,0,0.3")
         return mixture_problem(reward, teacher_steps=args.teacher_steps, seed=args.seed,
                                eval_samples=args.num_validation_samples)
+    from ..models import load
+    from .pipelines import _is_digits_pipeline
+
+    pipeline = load(args.model)
+    if not _is_digits_pipeline(pipeline):
+        from .aligner import pipeline_problem
+
+        if args.label != "null":
+            raise ValueError("--label applies to the digits models; a text pipeline takes --prompts.")
+        return pipeline_problem(pipeline, build_reward(args.reward or "ink"), read_prompts(args.prompts),
+                                eval_samples=args.num_validation_samples, name=str(args.model))
+    if args.prompts:
+        raise ValueError("--prompts applies to text pipelines; the digits models take --label.")
     reward = build_reward(args.reward or "class:3")
     label = None if args.label == "null" else _label(args.label)
     terms = reward.terms if isinstance(reward, CompositeReward) else [(reward, 1.0)]
     classes = [term.target_class for term, _ in terms if isinstance(term, DigitsClassReward)]
     target = classes[0] if classes else label  # FD-digits against the real digits of this class
-    return digits_problem(args.model, reward, label, eval_samples=args.num_validation_samples, target_class=target)
+    return digits_problem(pipeline, reward, label, eval_samples=args.num_validation_samples, target_class=target,
+                          name=str(args.model))
+
+
+def read_prompts(values: list[str] | None) -> list[str] | None:
+    """``--prompts``: the prompts themselves, or one existing .txt file with a prompt per line."""
+    if not values:
+        return None
+    if len(values) == 1 and values[0].endswith(".txt"):
+        path = Path(values[0]).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts {path} does not exist; pass a .txt file with one prompt per line, "
+                                    "or the prompts themselves.")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts {path} holds no prompts.")
+        return prompts
+    return list(values)
 
 
 def _label(text: str) -> int:
@@ -166,8 +200,15 @@ def merged_policy(state, problem) -> torch.nn.Module:
 
 
 def save_result(output_dir: Path, args: argparse.Namespace, state, problem) -> None:
-    """A DigitsPipeline directory (digits) or policy.safetensors + policy_config.json (mixture)."""
+    """A DigitsPipeline directory (digits), the aligned pipeline (diffusers pipelines), or
+    policy.safetensors + policy_config.json (mixture)."""
     net = merged_policy(state, problem).eval()
+    if problem.pipeline is not None:
+        from .digits import _inner
+        from .pipelines import with_components
+
+        with_components(problem.pipeline, unet=_inner(net)).save_pretrained(output_dir)
+        return
     if args.model == "mixture":
         from safetensors.torch import save_file
 
@@ -204,11 +245,18 @@ def validate(state, problem, args: argparse.Namespace, output_dir: Path) -> dict
     from .aligner import policy_samples
 
     stats = problem.evaluate(state.policy, args.num_inference_steps)
-    if args.model != "mixture":
+    if args.model == "mixture":
+        return stats
+    x = policy_samples(problem, state.policy, 64 if problem.decode is None else 16, args.num_inference_steps)
+    png = output_dir / f"validation-{state.step}.png"
+    if problem.pipeline is not None:
+        from .pipelines import save_image_grid
+
+        save_image_grid(x if problem.decode is None else problem.decode(x), png, 8)
+    else:
         from ..models.digits import make_grid
 
-        x = policy_samples(problem, state.policy, 64, args.num_inference_steps)
-        make_grid((x.clamp(-1, 1) + 1) / 2, nrow=8).save(output_dir / f"validation-{state.step}.png")
+        make_grid((x.clamp(-1, 1) + 1) / 2, nrow=8).save(png)
     return stats
 
 

@@ -8,9 +8,11 @@ Both methods share everything but the loss (:mod:`~difflab.distill.awm`, :mod:`~
 so "reward per generated sample" compares the losses and nothing else.
 
 Problems (:class:`AlignProblem`): a built-in digits model (``digits-flow``, ``digits-ddpm`` or any
-DigitsPipeline directory; labels = one class or the null class) and a 2-D Gaussian mixture whose
+DigitsPipeline directory; labels = one class or the null class), a 2-D Gaussian mixture whose
 denoiser is an MLP fitted to the exact one (:func:`mixture_problem`), where the ideal aligned
-distribution -- the mixture restricted to the reward region -- is known exactly.
+distribution -- the mixture restricted to the reward region -- is known exactly, and diffusers UNet
+pipelines (:func:`pipeline_problem`: DDPMPipeline, or Stable Diffusion with a prompt list, whose
+latents are decoded by the VAE before the reward sees them; the reward gets the prompts).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,17 +102,30 @@ class AlignProblem:
     make_scheduler: Callable[[], Any]
     sample_shape: tuple[int, ...]
     reward: Reward
-    group_labels: torch.Tensor | None  # (num_groups,) label of each group, or None (unconditional MLP)
+    group_labels: torch.Tensor | None  # the labels groups are drawn for, in turn, or None (unconditional)
     evaluate: Callable[[nn.Module, int], dict] | None = None
     name: str = ""
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # model space -> images (a VAE), or identity
+    prompts: list[str] | None = None  # text pipelines: group_labels index these
+    pipeline: Any = None  # diffusers pipelines: the pipeline the aligned UNet is saved into
 
-    def labels(self, num_groups: int, group_size: int, rank: int = 0) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(labels (B,) or None, group ids (B,)); groups of process ``rank`` get their own ids."""
+    def labels(self, num_groups: int, group_size: int, rank: int = 0, round_index: int = 0,
+               num_processes: int = 1) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(labels (B,) or None, group ids (B,)); groups of process ``rank`` get their own ids, and successive
+        groups (over processes and rounds) take the group labels in turn."""
         groups = torch.arange(num_groups).repeat_interleave(group_size) + rank * num_groups
         if self.group_labels is None:
             return None, groups
-        labels = self.group_labels[torch.arange(num_groups) % len(self.group_labels)]
+        first = (round_index * num_processes + rank) * num_groups
+        labels = self.group_labels[(first + torch.arange(num_groups)) % len(self.group_labels)]
         return labels.repeat_interleave(group_size), groups
+
+    def rewards(self, x0: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The reward of model-space samples: decoded first, with the prompts (text pipelines) or labels."""
+        images = x0 if self.decode is None else self.decode(x0)
+        if self.prompts is not None and labels is not None:
+            return self.reward(images, [self.prompts[i] for i in labels.tolist()])
+        return self.reward(images, labels)
 
 
 @dataclass
@@ -177,7 +193,8 @@ def align_iteration(state: AlignState, problem: AlignProblem, config: AlignConfi
     """One rollout round and one optimizer step of ``config.method``; returns statistics, advances the state."""
     runtime = runtime or Runtime()
     g = step_generator(config.seed, state.step, runtime.rank)
-    labels, groups = problem.labels(config.num_groups, config.group_size, runtime.rank)
+    labels, groups = problem.labels(config.num_groups, config.group_size, runtime.rank, state.step,
+                                    runtime.num_processes)
     shape = (config.batch_size, *problem.sample_shape)
     scheduler = problem.make_scheduler()
     state.policy.eval()
@@ -189,7 +206,7 @@ def align_iteration(state: AlignState, problem: AlignProblem, config: AlignConfi
         trajectory = sde_rollout(state.policy, problem.schedule, problem.prediction_type, grid, labels, shape, g,
                                  config.eta)
         x0 = trajectory.final
-    rewards = problem.reward(x0, labels).double().cpu()
+    rewards = problem.rewards(x0, labels).double().cpu()
     advantages = group_advantages(rewards, groups, config.advantage_std, config.advantage_clip, config.advantage_max)
     state.policy.train()
     trained = runtime.train_view(state.policy)
@@ -232,13 +249,15 @@ def _clip(module: nn.Module, max_norm: float) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def digits_problem(model: str, reward: Reward, label: int | None = None, eval_samples: int = 256,
-                   target_class: int | None = None) -> AlignProblem:
-    """A built-in digits model (or a DigitsPipeline directory): labels = ``label`` (None: the null class)."""
+def digits_problem(model: Any, reward: Reward, label: int | None = None, eval_samples: int = 256,
+                   target_class: int | None = None, name: str | None = None) -> AlignProblem:
+    """A built-in digits model, a DigitsPipeline directory or a loaded DigitsPipeline: labels = ``label``
+    (None: the null class)."""
     from ..models import load
     from ..models.digits import NULL_CLASS
 
-    pipe = load(model)
+    pipe = load(model) if isinstance(model, (str, Path)) else model
+    name = str(model) if name is None else name
     if not (hasattr(pipe, "unet") and hasattr(pipe, "scheduler")):
         raise ValueError(f"{model!r} is not a diffusion pipeline (no unet / scheduler); align digits-flow, "
                          "digits-ddpm or a DigitsPipeline directory.")
@@ -253,16 +272,20 @@ def digits_problem(model: str, reward: Reward, label: int | None = None, eval_sa
         net=pipe.unet, schedule=schedule, prediction_type=prediction_type,
         make_scheduler=lambda: scheduler_cls.from_config(scheduler_config),
         sample_shape=(pipe.unet.config.in_channels, size, size), reward=reward,
-        group_labels=torch.tensor([group_label]), name=str(model))
+        group_labels=torch.tensor([group_label]), name=name)
     problem.evaluate = lambda net, steps: evaluate_digits_policy(problem, net, steps, eval_samples, target_class)
     return problem
 
 
 @torch.no_grad()
-def policy_samples(problem: AlignProblem, net: nn.Module, num_samples: int, steps: int, seed: int = 12345
-                   ) -> torch.Tensor:
-    """Deterministic-noise ODE samples of ``net`` with the problem's own scheduler (for evaluation)."""
-    labels = None if problem.group_labels is None else problem.group_labels[:1].repeat(num_samples)
+def policy_samples(problem: AlignProblem, net: nn.Module, num_samples: int, steps: int, seed: int = 12345,
+                   label: int | None = None) -> torch.Tensor:
+    """Deterministic-noise ODE samples of ``net`` with the problem's own scheduler (for evaluation), for
+    ``label`` (default: the first group label)."""
+    if problem.group_labels is None:
+        labels = None
+    else:
+        labels = torch.full((num_samples,), int(problem.group_labels[0] if label is None else label))
     was_training = net.training
     net.eval()
     x0, _ = ode_rollout(net, problem.make_scheduler(), steps, labels, (num_samples, *problem.sample_shape),
@@ -283,6 +306,57 @@ def evaluate_digits_policy(problem: AlignProblem, net: nn.Module, steps: int, nu
         out["eval_class_share"] = float((predicted == target_class).mean())
         out["fd_to_class"] = fd_to_class(x0, target_class)
     return out
+
+
+def pipeline_problem(pipeline: Any, reward: Reward, prompts: list[str] | None = None, eval_samples: int = 64,
+                     name: str = "the pipeline") -> AlignProblem:
+    """A diffusers pipeline with a ``UNet2DModel`` (unconditional: DDPMPipeline) or a ``UNet2DConditionModel``
+    (Stable Diffusion; ``prompts`` needed, encoded once, the groups take them in turn). Rollouts run in the
+    UNet's space with the pipeline's own scheduler; the reward sees VAE-decoded images in [-1, 1] and the
+    prompts."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    from .digits import schedule_of
+    from .pipelines import PromptConditionedUNet, decode_latents, encode_prompts
+
+    unet = getattr(pipeline, "unet", None)
+    if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)) or getattr(unet.config, "num_class_embeds", None):
+        raise ValueError(f"{name} ({type(pipeline).__name__}) is not a diffusion pipeline with an unconditional "
+                         "UNet2DModel or a UNet2DConditionModel as pipe.unet; align DDPMPipeline / DDIMPipeline, Stable Diffusion "
+                         "(1.x / 2.x) pipelines or the digits models.")
+    text = isinstance(unet, UNet2DConditionModel)
+    if text and not prompts:
+        raise ValueError(f"{name} is text-conditioned: pass the prompts to align it on (--prompts).")
+    if not text and prompts:
+        raise ValueError(f"{name} is unconditional: it takes no prompts; drop --prompts.")
+    scheduler_config, scheduler_cls = dict(pipeline.scheduler.config), type(pipeline.scheduler)
+    schedule, prediction_type = schedule_of(scheduler_config)
+    net, group_labels = unet.float(), None
+    if text:
+        net = PromptConditionedUNet(net, encode_prompts(pipeline, list(prompts) + [""]))
+        group_labels = torch.arange(len(prompts))
+    vae = getattr(pipeline, "vae", None)
+    problem = AlignProblem(
+        net=net, schedule=schedule, prediction_type=prediction_type,
+        make_scheduler=lambda: scheduler_cls.from_config(scheduler_config),
+        sample_shape=(unet.config.in_channels, unet.config.sample_size, unet.config.sample_size), reward=reward,
+        group_labels=group_labels, name=name, decode=None if vae is None else lambda x: decode_latents(vae, x),
+        prompts=list(prompts) if text else None, pipeline=pipeline)
+    problem.evaluate = lambda net_, steps: evaluate_pipeline_policy(problem, net_, steps, eval_samples)
+    return problem
+
+
+def evaluate_pipeline_policy(problem: AlignProblem, net: nn.Module, steps: int, num_samples: int) -> dict:
+    """Mean reward of fixed-noise ODE samples, overall and per prompt (at most 4 prompts)."""
+    labels = None if problem.group_labels is None else problem.group_labels[:4]
+    per_label = [None] if labels is None else labels.tolist()
+    out, means = {}, []
+    for label in per_label:
+        x0 = policy_samples(problem, net, num_samples, steps, label=label)
+        means.append(problem.rewards(x0, None if label is None else torch.full((num_samples,), label)).double().mean())
+        if label is not None:
+            out[f"eval_reward[{problem.prompts[label]}]"] = means[-1].item()
+    return {"eval_reward": torch.stack(means).mean().item(), **out}
 
 
 def mixture_problem(reward: Reward, hidden: int = 128, depth: int = 3, teacher_steps: int = 2000, seed: int = 0,

@@ -242,20 +242,26 @@ def pipeline_student_images(generator: nn.Module, problem: UNetDistillProblem, p
     return decode_latents(getattr(problem.pipeline, "vae", None), x0), names
 
 
+def save_image_grid(images: torch.Tensor, path: str | Path, cols: int) -> Path:
+    """A PNG grid of images in [-1, 1] (B, C, H, W), ``cols`` per row."""
+    from diffusers.utils import make_image_grid
+    from PIL import Image
+
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    tiles = [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
+    make_image_grid(tiles, rows=len(tiles) // cols, cols=cols).save(path)
+    return Path(path)
+
+
 def save_pipeline_student_grid(generator: nn.Module, problem: UNetDistillProblem, path: str | Path,
                                seed: int = 1234, write_prompts: bool = False) -> Path:
     """A PNG grid of one-step samples, one row per prompt (text pipelines), fixed noise; with
     ``write_prompts`` the rows' prompts go to a .txt file next to it."""
-    from diffusers.utils import make_image_grid
-    from PIL import Image
-
     per_prompt = 8
-    images, _ = pipeline_student_images(generator, problem, per_prompt, seed=seed)
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    tiles = [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
-    make_image_grid(tiles, rows=len(tiles) // per_prompt, cols=per_prompt).save(path)
-    if write_prompts and problem.prompts is not None:
-        Path(path).with_suffix(".txt").write_text("\n".join(problem.prompts[:len(tiles) // per_prompt]) + "\n")
+    images, names = pipeline_student_images(generator, problem, per_prompt, seed=seed)
+    save_image_grid(images, path, per_prompt)
+    if write_prompts and names is not None:
+        Path(path).with_suffix(".txt").write_text("\n".join(names) + "\n")
     return Path(path)
 
 

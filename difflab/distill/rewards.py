@@ -1,8 +1,9 @@
 """Rewards for alignment, and group-normalized advantages (AWM, Xue et al. 2025; GRPO-style).
 
 A reward is any callable ``reward(samples, labels) -> tensor (B,)``: ``samples`` are the decoded
-model-space samples (digits: (B, 1, 16, 16), nominally in [-1, 1]; low-dimensional models: (B, D)),
-``labels`` the class labels / prompt indices they were drawn for (or None). Built-ins:
+samples (digits: (B, 1, 16, 16), nominally in [-1, 1]; latent pipelines: the VAE's images in [-1, 1];
+low-dimensional models: (B, D)), ``labels`` the class labels they were drawn for, the prompts (a list
+of strings) for text pipelines, or None. Built-ins:
 
 * :class:`DigitsClassReward` -- probability of a target class under the built-in digits classifier;
 * :class:`InkReward` -- the amount of ink (mean brightness in [0, 1]);
@@ -22,7 +23,7 @@ import torch
 
 from .engine import global_sum
 
-Reward = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+Reward = Callable[[torch.Tensor, "torch.Tensor | list[str] | None"], torch.Tensor]
 
 
 class DigitsClassReward:
@@ -44,6 +45,9 @@ class DigitsClassReward:
     @torch.no_grad()
     def __call__(self, samples: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         _check_images(samples, "DigitsClassReward")
+        if tuple(samples.shape[1:]) != (1, 16, 16):
+            raise ValueError(f"class:{self.target_class} scores 16x16 digits (B, 1, 16, 16), got images of shape "
+                             f"{tuple(samples.shape[1:])}; use another reward (e.g. ink, or your own callable).")
         logits = self._net()(samples.float().clamp(-1, 1))
         return logits.softmax(-1)[:, self.target_class]
 

@@ -1,0 +1,84 @@
+"""AWM / DDPO on diffusers UNet pipelines (tiny DDPM and Stable Diffusion built from configs)."""
+
+import json
+
+import pytest
+from diffusers import DDPMPipeline, StableDiffusionPipeline
+
+from difflab.cli import main
+from difflab.distill.aligner import AlignConfig, align_iteration, build_state, pipeline_problem
+from difflab.distill.rewards import InkReward
+from difflab.models.tiny import tiny_ddpm_pipeline, tiny_sd_pipeline
+
+PROMPTS = ["a cat", "a dog", "a red square"]
+SMALL = ["--num_groups", "2", "--group_size", "2", "--num_inference_steps", "4", "--train_timesteps", "2",
+         "--num_validation_samples", "2", "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("align_pipelines")
+    tiny_ddpm_pipeline().save_pretrained(root / "ddpm")
+    tiny_sd_pipeline().save_pretrained(root / "sd")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return root
+
+
+class RecordingReward:
+    """Ink, remembering what each call was given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, images, prompts):
+        self.calls.append((tuple(images.shape), prompts))
+        return InkReward()(images)
+
+
+def test_text_rewards_see_decoded_images_and_the_prompts_in_turn():
+    reward = RecordingReward()
+    problem = pipeline_problem(tiny_sd_pipeline(), reward, PROMPTS, eval_samples=2)
+    config = AlignConfig(num_groups=2, group_size=2, num_inference_steps=4, train_timesteps=2)
+    state = build_state(problem, config)
+    before = [p.detach().clone() for p in state.policy.parameters()]
+    for _ in range(2):
+        align_iteration(state, problem, config)
+    shapes, prompts = zip(*reward.calls)
+    assert set(shapes) == {(4, 3, 64, 64)}  # VAE-decoded RGB images, not 32x32 latents
+    assert prompts == (["a cat", "a cat", "a dog", "a dog"], ["a red square", "a red square", "a cat", "a cat"])
+    assert any((a - b).abs().max() > 0 for a, b in zip(before, state.policy.parameters()))
+
+
+@pytest.mark.parametrize("method", ["awm", "ddpo"])
+def test_cli_aligns_a_stable_diffusion_pipeline(saved, tmp_path, method):
+    main(["align", method, "--model", str(saved / "sd"), "--prompts", str(saved / "prompts.txt"), "--reward", "ink",
+          "--output_dir", str(tmp_path), "--max_train_steps", "2", "--validation_steps", "2", *SMALL[:6],
+          *(SMALL[6:8] if method == "awm" else []), *SMALL[8:]])
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["finished"] and "eval_reward[a cat]" in summary["final"]
+    assert (tmp_path / "validation-2.png").is_file()
+    aligned = StableDiffusionPipeline.from_pretrained(tmp_path, safety_checker=None, requires_safety_checker=False)
+    base = tiny_sd_pipeline()
+    assert max((a - b).abs().max().item() for a, b in zip(aligned.unet.parameters(), base.unet.parameters())) > 0
+    assert aligned(PROMPTS[0], num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
+
+
+def test_cli_aligns_an_unconditional_ddpm_pipeline(saved, tmp_path):
+    main(["align", "awm", "--model", str(saved / "ddpm"), "--output_dir", str(tmp_path), "--max_train_steps", "2",
+          "--validation_steps", "1", *SMALL])
+    assert json.loads((tmp_path / "train_summary.json").read_text())["reward"] == "ink"  # the default reward here
+    assert isinstance(DDPMPipeline.from_pretrained(tmp_path), DDPMPipeline)
+
+
+def test_pipeline_alignment_errors_are_messages(saved, tmp_path, capsys):
+    cases = [(["--model", str(saved / "sd")], "pass the prompts"),
+             (["--model", str(saved / "sd"), "--prompts", "a cat", "--reward", "class:3"], "scores 16x16 digits"),
+             (["--model", str(saved / "sd"), "--prompts", "a cat", "--label", "3"], "takes --prompts"),
+             (["--model", str(saved / "ddpm"), "--prompts", "a cat"], "takes no prompts"),
+             (["--model", str(saved / "sd"), "--prompts", str(tmp_path / "none.txt")], "does not exist"),
+             (["--model", "digits-flow", "--prompts", "a cat"], "take --label")]
+    for flags, message in cases:
+        with pytest.raises(SystemExit):
+            main(["align", "awm", "--output_dir", str(tmp_path / "x"), "--max_train_steps", "1", *flags, *SMALL])
+        assert message in capsys.readouterr().err, message
+    assert not (tmp_path / "x" / "train_summary.json").exists()
