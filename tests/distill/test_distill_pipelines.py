@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DDPMPipeline, StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from safetensors.torch import load_file
@@ -33,6 +33,9 @@ def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pipelines")
     tiny_ddpm_pipeline().save_pretrained(root / "ddpm")
     tiny_sd_pipeline().save_pretrained(root / "sd")
+    v_scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+    tiny_sd_pipeline(v_scheduler).save_pretrained(root / "sd-v")  # as Stable Diffusion 2.x
     rng = np.random.default_rng(0)
     for folder in ("plain", "captioned"):
         (root / folder).mkdir()
@@ -72,17 +75,19 @@ def test_unconditional_ddpm_student_is_a_one_step_ddpm_pipeline(data, tmp_path):
     np.testing.assert_allclose(out.images, expected, atol=1e-5)
 
 
-def test_text_student_is_a_one_step_stable_diffusion_pipeline(data, tmp_path):
-    _distill("f-distill", data / "sd", data / "captioned", tmp_path, "--guidance_scale", "2")
+@pytest.mark.parametrize("model,prediction_type", [("sd", "epsilon"), ("sd-v", "v_prediction")])
+def test_text_student_is_a_one_step_stable_diffusion_pipeline(data, tmp_path, model, prediction_type):
+    _distill("f-distill", data / model, data / "captioned", tmp_path, "--guidance_scale", "2")
     assert (tmp_path / "samples.txt").read_text().split("\n")[:3] == sorted(CAPTIONS)
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path, safety_checker=None, requires_safety_checker=False)
-    teacher = StableDiffusionPipeline.from_pretrained(data / "sd", safety_checker=None, requires_safety_checker=False)
+    teacher = StableDiffusionPipeline.from_pretrained(data / model, safety_checker=None, requires_safety_checker=False)
+    assert pipe.scheduler.config.prediction_type == prediction_type
     changed = max((a - b).abs().max().item() for a, b in zip(pipe.unet.parameters(), teacher.unet.parameters()))
     assert changed > 0  # the UNet was trained
     z = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(5))
     out = pipe(["a cat", "a cat"], num_inference_steps=1, guidance_scale=1.0, latents=z, output_type="latent").images
     student = OneStepGenerator(PromptConditionedUNet(pipe.unet, encode_prompts(pipe, ["a cat"])),
-                               NoiseSchedule.from_config(pipe.scheduler.config), 999, prediction_type="epsilon")
+                               NoiseSchedule.from_config(pipe.scheduler.config), 999, prediction_type=prediction_type)
     with torch.no_grad():
         expected = student(z, torch.zeros(2, dtype=torch.long))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
