@@ -29,6 +29,8 @@ from __future__ import annotations
 import inspect
 import json
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -108,10 +110,16 @@ def _to_tensor(image: Any, size: int, channels: int) -> torch.Tensor:
     return x.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def load_image_folder(folder: str | Path, size: int, channels: int,
-                      need_captions: bool = False) -> tuple[torch.Tensor, list[str] | None]:
-    """(images (N, C, size, size) in [-1, 1], captions or None) of an image folder (see the module docstring)."""
+def load_image_folder(folder: str | Path, size: int, channels: int, need_captions: bool = False,
+                      encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      progress: bool = False) -> tuple[torch.Tensor, list[str] | None]:
+    """(images (N, C, size, size) in [-1, 1], captions or None) of an image folder (see the module docstring).
+
+    With ``encode`` (a VAE encoder), images are encoded batch by batch as they are read, and only the
+    encodings are kept: (latents, captions).
+    """
     from PIL import Image
+    from tqdm.auto import tqdm
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -123,11 +131,16 @@ def load_image_folder(folder: str | Path, size: int, channels: int,
     if absent:
         raise FileNotFoundError(f"{len(absent)} image(s) named in {folder / METADATA_FILE} are missing, e.g. "
                                 f"{absent[0]}.")
-    images = []
-    for path in files:
-        with Image.open(path) as image:
-            images.append(_to_tensor(image, size, channels))
-    return torch.stack(images), captions
+    kept = []
+    desc = "encoding training images" if encode is not None else "reading training images"
+    for start in tqdm(range(0, len(files), ENCODE_BATCH), desc=desc, disable=not progress):
+        batch = []
+        for path in files[start:start + ENCODE_BATCH]:
+            with Image.open(path) as image:
+                batch.append(_to_tensor(image, size, channels))
+        batch = torch.stack(batch)
+        kept.append(batch if encode is None else encode(batch))
+    return torch.cat(kept), captions
 
 
 @torch.no_grad()
@@ -163,7 +176,8 @@ def _is_digits_pipeline(pipeline: Any) -> bool:
     return isinstance(pipeline, DigitsPipeline)
 
 
-def distill_problem(model: str, guidance_scale: float = 1.0, train_data_dir: str | None = None) -> UNetDistillProblem:
+def distill_problem(model: str, guidance_scale: float = 1.0, train_data_dir: str | None = None,
+                    progress: bool = False) -> UNetDistillProblem:
     """The distillation problem of ``--model``: a digits model (built-in name or DigitsPipeline directory), or a
     diffusers UNet pipeline directory with real training images in ``train_data_dir``."""
     from ..models import load
@@ -171,11 +185,11 @@ def distill_problem(model: str, guidance_scale: float = 1.0, train_data_dir: str
     pipeline = load(model)
     if _is_digits_pipeline(pipeline):
         return digits_distill_problem(pipeline, guidance_scale)
-    return pipeline_distill_problem(pipeline, train_data_dir, guidance_scale, name=str(model))
+    return pipeline_distill_problem(pipeline, train_data_dir, guidance_scale, name=str(model), progress=progress)
 
 
 def pipeline_distill_problem(pipeline: Any, train_data_dir: str | Path | None, guidance_scale: float = 1.0,
-                             name: str = "the pipeline") -> UNetDistillProblem:
+                             name: str = "the pipeline", progress: bool = False) -> UNetDistillProblem:
     """The problem of a loaded diffusers pipeline with a ``UNet2DModel`` (unconditional) or a
     ``UNet2DConditionModel`` (text-conditioned) and the real images of ``train_data_dir``."""
     from diffusers import UNet2DConditionModel, UNet2DModel
@@ -205,8 +219,8 @@ def pipeline_distill_problem(pipeline: Any, train_data_dir: str | Path | None, g
     vae = getattr(pipeline, "vae", None)
     pixel_size = unet.config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
     channels = vae.config.in_channels if vae is not None else unet.config.in_channels
-    images, captions = load_image_folder(train_data_dir, pixel_size, channels, need_captions=text)
-    data = encode_images(vae.float().eval(), images) if vae is not None else images
+    encode = None if vae is None else partial(encode_images, vae.float().eval())
+    data, captions = load_image_folder(train_data_dir, pixel_size, channels, text, encode, progress)
     scheduler_config = dict(pipeline.scheduler.config)
     schedule, prediction_type = schedule_of(scheduler_config)
     unet = unet.float().eval().requires_grad_(False)

@@ -358,7 +358,7 @@ def build_problem(args: argparse.Namespace, progress: bool):
     if args.model is not None:
         from .pipelines import distill_problem
 
-        return distill_problem(args.model, args.guidance_scale, args.train_data_dir), None
+        return distill_problem(args.model, args.guidance_scale, args.train_data_dir, progress), None
     mixture, schedule = build_mixture(args), NoiseSchedule.from_config(SCHEDULE)
     teacher_net = fit_mlp_teacher(mixture, schedule, "epsilon", steps=args.teacher_steps, hidden=args.teacher_hidden,
                                   depth=args.teacher_depth, seed=args.seed, progress=progress)

@@ -59,6 +59,14 @@ def test_image_folder_is_resized_cropped_and_captioned(data):
     assert gray.shape == (9, 1, 4, 4) and none is None
 
 
+def test_text_problem_holds_latents_and_prompt_indices(data):
+    problem = pipeline_distill_problem(tiny_sd_pipeline(), data / "captioned")
+    assert problem.images.shape == (9, 4, 32, 32)  # VAE latents of the 64x64 images
+    assert problem.prompts == sorted(CAPTIONS) and problem.num_classes == 3
+    assert [problem.prompts[i] for i in problem.labels.tolist()] == [CAPTIONS[i % 3] for i in range(9)]
+    assert problem.teacher_net.prompt_embeds.shape[0] == 4  # the prompts and the empty prompt (null label)
+
+
 def test_unconditional_ddpm_student_is_a_one_step_ddpm_pipeline(data, tmp_path):
     _distill("f-distill", data / "ddpm", data / "plain", tmp_path)
     for name in ("samples.png", "validation-2.png", "train_summary.json", "model_index.json"):
