@@ -39,7 +39,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     sample = sub.add_parser("sample", help="sample a built-in model (or a local pipeline directory) into a PNG grid")
     sample.add_argument("--model", default="digits-ddpm",
-                        help="digits-ddpm, digits-flow, gmm (2-D mixture scatter plot) or a local DigitsPipeline directory")
+                        help="digits-ddpm, digits-flow, gmm (2-D mixture scatter plot), a local DigitsPipeline "
+                             "directory, or another diffusers pipeline directory (DDPMPipeline, Stable Diffusion, ...)")
+    sample.add_argument("--prompt", nargs="+", default=None,
+                        help="text pipelines: the prompts, one grid row each (digits models take --classes)")
     sample.add_argument("--scheduler", default=None,
                         help="difflab or diffusers scheduler name (default: the model's own; see README)")
     sample.add_argument("--steps", type=int, default=None,
@@ -47,8 +50,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
                              "distilled pipeline)")
     sample.add_argument("--guidance-scale", type=float, default=None,
                         help="classifier-free guidance (default 2.0, or the directory's difflab_sampling.json)")
-    sample.add_argument("--classes", type=int, nargs="+", default=list(range(10)), help="digit classes, one grid row each")
-    sample.add_argument("--num-per-class", type=int, default=8)
+    sample.add_argument("--classes", type=int, nargs="+", default=list(range(10)), help="digit classes, one grid row each (digits models)")
+    sample.add_argument("--num-per-class", type=int, default=8, help="images per grid row")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", type=Path, default=Path("grid.png"))
     sample.set_defaults(func=_sample)
@@ -60,9 +63,22 @@ def _sample(args: argparse.Namespace) -> None:
     if args.model == "gmm":
         path = sampling.sample_gmm_scatter(args.scheduler or "euler-ddim", args.steps or 20, 2000, args.seed, args.out)
     else:
-        steps, guidance = sampling.recommended_settings(args.model, args.steps, args.guidance_scale)
-        path = sampling.sample_digits_grid(args.model, args.scheduler, steps, guidance, args.classes,
-                                           args.num_per_class, args.seed, args.out)
+        from .models import load
+        from .models.digits import DigitsPipeline
+
+        pipe = load(args.model)
+        if isinstance(pipe, DigitsPipeline):
+            if args.prompt:
+                raise ValueError("--prompt is for text pipelines; the digits models take --classes.")
+            steps, guidance = sampling.recommended_settings(args.model, args.steps, args.guidance_scale)
+            path = sampling.sample_digits_grid(pipe, args.scheduler, steps, guidance, args.classes,
+                                               args.num_per_class, args.seed, args.out)
+        else:
+            steps, guidance = sampling.recommended_settings(args.model, args.steps, args.guidance_scale, None)
+            if not args.prompt and args.guidance_scale is None:
+                guidance = None  # an unconditional pipeline: a saved guidance setting does not apply
+            path = sampling.sample_pipeline_grid(pipe, args.scheduler, steps, guidance, args.prompt,
+                                                 args.num_per_class, args.seed, args.out)
     print(f"wrote {path}")
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,15 +49,16 @@ def sample_gmm_scatter(scheduler_name: str, steps: int, num_samples: int, seed: 
     return out
 
 
-def recommended_settings(model: str, steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
+def recommended_settings(model: str, steps: int | None, guidance_scale: float | None,
+                         default_guidance: float | None = 2.0) -> tuple[int, float | None]:
     """(steps, guidance): the values given, else a pipeline directory's ``difflab_sampling.json`` (written
-    for one-step distilled pipelines), else 20 steps and guidance 2."""
+    for one-step distilled pipelines), else 20 steps and ``default_guidance``."""
     saved: dict = {}
     settings = Path(model) / "difflab_sampling.json"
     if settings.is_file():
         saved = json.loads(settings.read_text())
     return (steps if steps is not None else int(saved.get("num_inference_steps", 20)),
-            guidance_scale if guidance_scale is not None else float(saved.get("guidance_scale", 2.0)))
+            guidance_scale if guidance_scale is not None else saved.get("guidance_scale", default_guidance))
 
 
 def sample_digits_grid(
@@ -68,11 +71,12 @@ def sample_digits_grid(
     seed: int,
     out: Path,
 ) -> Path:
-    """Sample a digits pipeline (built-in name or local directory) and save a labelled grid, one row per class."""
+    """Sample a digits pipeline (built-in name, local directory or a loaded one) and save a labelled grid, one row
+    per class."""
     from .models import load
     from .models.digits import make_grid
 
-    pipe = load(model)
+    pipe = load(model) if isinstance(model, (str, Path)) else model
     if scheduler_name is not None:
         pipe.scheduler = get_scheduler(scheduler_name, pipe.scheduler.config)
     labels = torch.tensor(classes).repeat_interleave(num_per_class)
@@ -81,4 +85,42 @@ def sample_digits_grid(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     make_grid(images, nrow=num_per_class, labels=[str(c) for c in classes]).save(out)
+    return out
+
+
+def sample_pipeline_grid(
+    pipe: Any,
+    scheduler_name: str | None,
+    steps: int,
+    guidance_scale: float | None,
+    prompts: list[str] | None,
+    num_per_row: int,
+    seed: int,
+    out: Path,
+) -> Path:
+    """Sample another diffusers pipeline into a grid: one row per prompt for text pipelines (Stable Diffusion,
+    SD3, Flux, ...), one row for unconditional ones (DDPMPipeline). ``guidance_scale`` None: the pipeline's."""
+    from diffusers.utils import make_image_grid
+
+    parameters = inspect.signature(pipe.__call__).parameters
+    text = "prompt" in parameters
+    if text and not prompts:
+        raise ValueError(f"{type(pipe).__name__} is text-conditioned: pass --prompt TEXT (one grid row per prompt).")
+    if not text and (prompts or guidance_scale is not None):
+        raise ValueError(f"{type(pipe).__name__} is unconditional: it takes no --prompt or --guidance-scale.")
+    if scheduler_name is not None:
+        pipe.scheduler = get_scheduler(scheduler_name, pipe.scheduler.config)
+    call = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(seed), "output_type": "pil"}
+    if text:
+        rows = list(prompts)
+        call["prompt"] = [p for p in rows for _ in range(num_per_row)]
+        if guidance_scale is not None:
+            call["guidance_scale"] = guidance_scale
+    else:
+        rows = [None]
+        call["batch_size"] = num_per_row
+    images = pipe(**call).images
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    make_image_grid(images, rows=len(rows), cols=num_per_row).save(out)
     return out

@@ -100,3 +100,26 @@ def test_ddim_uniform_grid_is_the_grid_of_sd_ddim():
         ddim.set_timesteps(steps)
         assert grid_kwargs("ddim-uniform", steps)["timesteps"] == ddim.timesteps.tolist()
     assert grid_kwargs("config", 8) == {"num_inference_steps": 8}
+
+
+def test_sample_other_diffusers_pipelines(tmp_path, capsys):
+    """`difflab sample` draws text pipelines one row per prompt, unconditional ones in one row; wrong flags are
+    messages."""
+    from PIL import Image
+
+    from difflab.models.tiny import tiny_ddpm_pipeline, tiny_sd_pipeline
+
+    tiny_sd_pipeline().save_pretrained(tmp_path / "sd")
+    tiny_ddpm_pipeline().save_pretrained(tmp_path / "ddpm")
+    main(["sample", "--model", str(tmp_path / "sd"), "--prompt", "a cat", "a dog", "--num-per-class", "3",
+          "--steps", "2", "--scheduler", "dpm++2m", "--out", str(tmp_path / "sd.png")])
+    main(["sample", "--model", str(tmp_path / "ddpm"), "--num-per-class", "4", "--steps", "2",
+          "--out", str(tmp_path / "ddpm.png")])
+    assert Image.open(tmp_path / "sd.png").size == (3 * 64, 2 * 64)
+    assert Image.open(tmp_path / "ddpm.png").size == (4 * 8, 8)
+    for flags, message in [(["--model", str(tmp_path / "sd")], "pass --prompt"),
+                           (["--model", str(tmp_path / "ddpm"), "--guidance-scale", "3"], "is unconditional"),
+                           (["--prompt", "a cat"], "the digits models take --classes")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sample", *flags, "--out", str(tmp_path / "x.png")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
