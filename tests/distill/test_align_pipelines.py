@@ -82,3 +82,14 @@ def test_pipeline_alignment_errors_are_messages(saved, tmp_path, capsys):
             main(["align", "awm", "--output_dir", str(tmp_path / "x"), "--max_train_steps", "1", *flags, *SMALL])
         assert message in capsys.readouterr().err, message
     assert not (tmp_path / "x" / "train_summary.json").exists()
+
+
+def test_two_processes_align_a_stable_diffusion_pipeline(saved, tmp_path, accelerate_launch):
+    """Two gloo processes: every process builds the prompt table; the groups of both take the prompts in turn."""
+    launch = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no"]
+    proc = accelerate_launch(launch, [
+        "-m", "difflab.distill.align", "awm", "--model", str(saved / "sd"), "--prompts", *PROMPTS,
+        "--output_dir", str(tmp_path), "--max_train_steps", "2", "--validation_steps", "2", *SMALL])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["finished"] and summary["num_processes"] == 2 and summary["samples"] == 2 * 2 * 4
