@@ -12,7 +12,7 @@ on them unchanged:
 * Real data, which the discriminator needs (f-distill's density ratio comes from it), are read from an
   image folder in the layout of diffusers' training examples: image files, and for text pipelines a
   ``metadata.jsonl`` with a ``file_name`` and a ``text`` per line (``train_text_to_image.py``'s
-  ``imagefolder``). Images are resized (shorter side) and centre-cropped to the pipeline's resolution.
+  ``imagefolder``; another caption key with ``--caption_column``). Images are resized (shorter side) and centre-cropped to the pipeline's resolution.
 * Latent pipelines encode the real images once with the VAE (``latent_dist.mean * scaling_factor``).
 * The captions form a finite prompt set. Each is encoded once by the pipeline's ``encode_prompt``, and
   :class:`PromptConditionedUNet` calls the UNet with the embedding of the prompt whose index arrives as
@@ -80,19 +80,22 @@ def with_components(pipeline: Any, **components: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _image_files(folder: Path, need_captions: bool) -> tuple[list[Path], list[str] | None]:
+def _image_files(folder: Path, caption_column: str | None) -> tuple[list[Path], list[str] | None]:
+    """The image files of ``folder`` and, with ``caption_column``, their captions from metadata.jsonl."""
     metadata = folder / METADATA_FILE
+    example = '{"file_name": "IMAGE", "%s": "CAPTION"}' % (caption_column or "text")
     if metadata.is_file():
         rows = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
-        missing = [i + 1 for i, r in enumerate(rows) if "file_name" not in r or (need_captions and "text" not in r)]
+        keys = ("file_name",) if caption_column is None else ("file_name", caption_column)
+        missing = [i + 1 for i, r in enumerate(rows) if any(k not in r for k in keys)]
         if missing:
-            raise ValueError(f"{metadata}: line(s) {missing[:5]} lack 'file_name'" +
-                             (" or 'text'" if need_captions else "") + "; every line needs "
-                             '{"file_name": "IMAGE", "text": "CAPTION"}.')
-        return [folder / r["file_name"] for r in rows], [str(r["text"]) for r in rows] if need_captions else None
-    if need_captions:
+            raise ValueError(f"{metadata}: line(s) {missing[:5]} lack {' or '.join(map(repr, keys))}; every line "
+                             f"needs {example}.")
+        captions = None if caption_column is None else [str(r[caption_column]) for r in rows]
+        return [folder / r["file_name"] for r in rows], captions
+    if caption_column is not None:
         raise ValueError(f"{folder} has no {METADATA_FILE}: a text-conditioned teacher needs captions. Add one line "
-                         '{"file_name": "IMAGE", "text": "CAPTION"} per image (diffusers\' imagefolder layout).')
+                         f"{example} per image (diffusers' imagefolder layout).")
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES), None
 
 
@@ -110,10 +113,11 @@ def _to_tensor(image: Any, size: int, channels: int) -> torch.Tensor:
     return x.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def load_image_folder(folder: str | Path, size: int, channels: int, need_captions: bool = False,
+def load_image_folder(folder: str | Path, size: int, channels: int, caption_column: str | None = None,
                       encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
                       progress: bool = False) -> tuple[torch.Tensor, list[str] | None]:
-    """(images (N, C, size, size) in [-1, 1], captions or None) of an image folder (see the module docstring).
+    """(images (N, C, size, size) in [-1, 1], captions or None) of an image folder (see the module docstring);
+    the captions are metadata.jsonl's ``caption_column`` (None: no captions).
 
     With ``encode`` (a VAE encoder), images are encoded batch by batch as they are read, and only the
     encodings are kept: (latents, captions).
@@ -124,7 +128,7 @@ def load_image_folder(folder: str | Path, size: int, channels: int, need_caption
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"--train_data_dir {folder} is not a directory; pass a folder of training images.")
-    files, captions = _image_files(folder, need_captions)
+    files, captions = _image_files(folder, caption_column)
     if not files:
         raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); put the training images there.")
     absent = [str(f) for f in files if not f.is_file()]
@@ -177,7 +181,7 @@ def _is_digits_pipeline(pipeline: Any) -> bool:
 
 
 def distill_problem(model: str, guidance_scale: float = 1.0, train_data_dir: str | None = None,
-                    progress: bool = False) -> UNetDistillProblem:
+                    progress: bool = False, caption_column: str = "text") -> UNetDistillProblem:
     """The distillation problem of ``--model``: a digits model (built-in name or DigitsPipeline directory), or a
     diffusers UNet pipeline directory with real training images in ``train_data_dir``."""
     from ..models import load
@@ -185,13 +189,16 @@ def distill_problem(model: str, guidance_scale: float = 1.0, train_data_dir: str
     pipeline = load(model)
     if _is_digits_pipeline(pipeline):
         return digits_distill_problem(pipeline, guidance_scale)
-    return pipeline_distill_problem(pipeline, train_data_dir, guidance_scale, name=str(model), progress=progress)
+    return pipeline_distill_problem(pipeline, train_data_dir, guidance_scale, name=str(model), progress=progress,
+                                    caption_column=caption_column)
 
 
 def pipeline_distill_problem(pipeline: Any, train_data_dir: str | Path | None, guidance_scale: float = 1.0,
-                             name: str = "the pipeline", progress: bool = False) -> UNetDistillProblem:
+                             name: str = "the pipeline", progress: bool = False,
+                             caption_column: str = "text") -> UNetDistillProblem:
     """The problem of a loaded diffusers pipeline with a ``UNet2DModel`` (unconditional) or a
-    ``UNet2DConditionModel`` (text-conditioned) and the real images of ``train_data_dir``."""
+    ``UNet2DConditionModel`` (text-conditioned) and the real images of ``train_data_dir`` (captions: the
+    ``caption_column`` of its metadata.jsonl)."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     unet = getattr(pipeline, "unet", None)
@@ -220,7 +227,8 @@ def pipeline_distill_problem(pipeline: Any, train_data_dir: str | Path | None, g
     pixel_size = unet.config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
     channels = vae.config.in_channels if vae is not None else unet.config.in_channels
     encode = None if vae is None else partial(encode_images, vae.float().eval())
-    data, captions = load_image_folder(train_data_dir, pixel_size, channels, text, encode, progress)
+    data, captions = load_image_folder(train_data_dir, pixel_size, channels, caption_column if text else None,
+                                       encode, progress)
     scheduler_config = dict(pipeline.scheduler.config)
     schedule, prediction_type = schedule_of(scheduler_config)
     unet = unet.float().eval().requires_grad_(False)

@@ -79,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add("--train_data_dir", default=None,
         help="Real training images for a --model that is not a digits model (the discriminator's data): a folder of "
              "images, with a metadata.jsonl of {\"file_name\": ..., \"text\": CAPTION} lines for text pipelines.")
+    add("--caption_column", default="text", help="Text pipelines: the caption key of --train_data_dir's metadata.jsonl.")
     add("--guidance_scale", type=float, default=1.0, help="Classifier-free guidance of a --model teacher (1 = none).")
     add("--generator_timestep", default="auto",
         help="Diffusers timestep at which the generator's UNet sees pure noise: a number, 'max', or 'auto' (the "
@@ -358,7 +359,8 @@ def build_problem(args: argparse.Namespace, progress: bool):
     if args.model is not None:
         from .pipelines import distill_problem
 
-        return distill_problem(args.model, args.guidance_scale, args.train_data_dir, progress), None
+        return distill_problem(args.model, args.guidance_scale, args.train_data_dir, progress,
+                               args.caption_column), None
     mixture, schedule = build_mixture(args), NoiseSchedule.from_config(SCHEDULE)
     teacher_net = fit_mlp_teacher(mixture, schedule, "epsilon", steps=args.teacher_steps, hidden=args.teacher_hidden,
                                   depth=args.teacher_depth, seed=args.seed, progress=progress)

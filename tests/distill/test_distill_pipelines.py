@@ -52,11 +52,13 @@ def _distill(method: str, model: Path, images: Path, out: Path, *extra: str) -> 
 
 
 def test_image_folder_is_resized_cropped_and_captioned(data):
-    images, captions = load_image_folder(data / "captioned", 8, 3, need_captions=True)
+    images, captions = load_image_folder(data / "captioned", 8, 3, caption_column="text")
     assert images.shape == (9, 3, 8, 8) and images.min() >= -1 and images.max() <= 1
     assert captions == [CAPTIONS[i % 3] for i in range(9)]
     gray, none = load_image_folder(data / "plain", 4, 1)
     assert gray.shape == (9, 1, 4, 4) and none is None
+    with pytest.raises(ValueError, match="lack 'file_name' or 'caption'"):
+        load_image_folder(data / "captioned", 8, 3, caption_column="caption")
 
 
 def test_text_problem_holds_latents_and_prompt_indices(data):
