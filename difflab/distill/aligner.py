@@ -47,6 +47,7 @@ class AlignConfig:
     group_size: int = 16
     num_inference_steps: int = 10
     learning_rate: float = 1e-4
+    lr_warmup_steps: int = 0  # linear warmup over the first rounds (diffusers' constant_with_warmup)
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     advantage_std: str = "global"
@@ -84,12 +85,21 @@ class AlignConfig:
             raise ValueError(f"unknown AWM weighting {self.weighting!r}; use one of {', '.join(WEIGHTINGS)}.")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}.")
         if self.eta <= 0 and self.method == "ddpo":
             raise ValueError("the DDPO baseline needs stochastic rollouts: eta must be > 0 (1 = DDPM / SDE).")
 
     @property
     def batch_size(self) -> int:
         return self.num_groups * self.group_size
+
+    def learning_rate_at(self, step: int) -> float:
+        """The learning rate of round ``step`` (0-based): linear warmup to ``learning_rate`` over
+        ``lr_warmup_steps`` rounds, then constant. A function of the round alone, so resuming repeats it."""
+        if self.lr_warmup_steps == 0:
+            return self.learning_rate
+        return self.learning_rate * min(1.0, (step + 1) / self.lr_warmup_steps)
 
 
 @dataclass
@@ -222,6 +232,8 @@ def align_iteration(state: AlignState, problem: AlignProblem, config: AlignConfi
                           state.reference, config.ddpo_kl_beta)
         parts = {"policy_loss": terms.policy, "kl": terms.kl, "clip_fraction": terms.clip_fraction}
     state.optimizer.zero_grad(set_to_none=True)
+    for group in state.optimizer.param_groups:
+        group["lr"] = config.learning_rate_at(state.step)
     terms.loss.backward()
     grad_norm = _clip(state.policy, config.max_grad_norm)
     state.optimizer.step()

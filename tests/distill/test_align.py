@@ -209,3 +209,18 @@ def test_bad_config_is_reported():
         AlignConfig(skip_last_fraction=1.0).validate()
     with pytest.raises(ValueError, match="eta must be > 0"):
         AlignConfig(method="ddpo", eta=0.0).validate()
+    with pytest.raises(ValueError, match="lr_warmup_steps"):
+        AlignConfig(lr_warmup_steps=-1).validate()
+
+
+def test_learning_rate_warms_up_linearly_then_stays():
+    config = AlignConfig(learning_rate=3e-4, lr_warmup_steps=3, num_groups=2, group_size=4, num_inference_steps=5)
+    assert [config.learning_rate_at(s) for s in range(5)] == pytest.approx([1e-4, 2e-4, 3e-4, 3e-4, 3e-4])
+    assert AlignConfig(learning_rate=3e-4).learning_rate_at(0) == 3e-4
+    problem = _region_problem()
+    state = build_state(problem, config)
+    used = []
+    for _ in range(2):
+        align_iteration(state, problem, config)
+        used.append(state.optimizer.param_groups[0]["lr"])
+    assert used == pytest.approx([1e-4, 2e-4])
