@@ -224,6 +224,14 @@ class NoiseSchedule:
         has_betas = any(k in config for k in ("beta_schedule", "trained_betas", "beta_start"))
         return not has_betas and "shift" in config
 
+    @staticmethod
+    def model_prediction_type(config: Mapping[str, Any]) -> str:
+        """The output type of the model a scheduler config belongs to: the flow velocity for flow-matching
+        configs, else its ``prediction_type`` (diffusers' default: eps)."""
+        if NoiseSchedule.is_flow_config(config):
+            return "flow_prediction"
+        return config.get("prediction_type", "epsilon")
+
     @classmethod
     def from_config(cls, config: Any) -> NoiseSchedule:
         """Build from a diffusers scheduler, its ``config``, a dict, or a path's loaded config."""

@@ -132,3 +132,14 @@ def test_errors_list_valid_values():
         NoiseSchedule.from_config({"num_train_timesteps": 1000, "sigma_data": 0.5})
     with pytest.raises(ValueError, match="mu"):
         NoiseSchedule.flow(use_dynamic_shifting=True).timesteps(10)
+
+
+def test_model_prediction_type_of_scheduler_configs():
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    assert NoiseSchedule.model_prediction_type(DDIMScheduler().config) == "epsilon"
+    assert NoiseSchedule.model_prediction_type(DDIMScheduler(prediction_type="v_prediction").config) == "v_prediction"
+    assert NoiseSchedule.model_prediction_type(FlowMatchEulerDiscreteScheduler().config) == "flow_prediction"
+    assert NoiseSchedule.model_prediction_type(DPMSolverMultistepScheduler(use_flow_sigmas=True,
+                                                                           prediction_type="flow_prediction").config) \
+        == "flow_prediction"

@@ -276,8 +276,7 @@ def digits_problem(model: Any, reward: Reward, label: int | None = None, eval_sa
     scheduler_config = dict(pipe.scheduler.config)
     scheduler_cls = type(pipe.scheduler)
     schedule = NoiseSchedule.from_config(scheduler_config)
-    prediction_type = "flow_prediction" if schedule.kind == "flow" else scheduler_config.get("prediction_type",
-                                                                                             "epsilon")
+    prediction_type = NoiseSchedule.model_prediction_type(scheduler_config)
     group_label = NULL_CLASS if label is None else int(label)
     size = pipe.unet.config.sample_size
     problem = AlignProblem(
@@ -328,7 +327,6 @@ def pipeline_problem(pipeline: Any, reward: Reward, prompts: list[str] | None = 
     prompts."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 
-    from .digits import schedule_of
     from .pipelines import PromptConditionedUNet, decode_latents, encode_prompts
 
     unet = getattr(pipeline, "unet", None)
@@ -342,7 +340,8 @@ def pipeline_problem(pipeline: Any, reward: Reward, prompts: list[str] | None = 
     if not text and prompts:
         raise ValueError(f"{name} is unconditional: it takes no prompts; drop --prompts.")
     scheduler_config, scheduler_cls = dict(pipeline.scheduler.config), type(pipeline.scheduler)
-    schedule, prediction_type = schedule_of(scheduler_config)
+    schedule = NoiseSchedule.from_config(scheduler_config)
+    prediction_type = NoiseSchedule.model_prediction_type(scheduler_config)
     net, group_labels = unet.float(), None
     if text:
         net = PromptConditionedUNet(net, encode_prompts(pipeline, list(prompts) + [""]))

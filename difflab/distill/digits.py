@@ -138,14 +138,6 @@ class UNetDistillProblem:
 DigitsDistillProblem = UNetDistillProblem  # the name of the digits-only version
 
 
-def schedule_of(scheduler_config: dict) -> tuple[NoiseSchedule, str]:
-    """(noise schedule, prediction type) of a pipeline's scheduler config (flow models: flow velocity)."""
-    schedule = NoiseSchedule.from_config(scheduler_config)
-    if schedule.kind == "flow":
-        return schedule, "flow_prediction"
-    return schedule, scheduler_config.get("prediction_type", "epsilon")
-
-
 def digits_distill_problem(model: Any = "digits-ddpm", guidance_scale: float = 1.0) -> UNetDistillProblem:
     """The problem of a built-in digits model name, a DigitsPipeline directory or a loaded DigitsPipeline,
     teacher CFG ``guidance_scale``."""
@@ -160,7 +152,8 @@ def digits_distill_problem(model: Any = "digits-ddpm", guidance_scale: float = 1
     if guidance_scale < 1.0:
         raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {guidance_scale}.")
     scheduler_config = dict(pipe.scheduler.config)
-    schedule, prediction_type = schedule_of(scheduler_config)
+    schedule = NoiseSchedule.from_config(scheduler_config)
+    prediction_type = NoiseSchedule.model_prediction_type(scheduler_config)
     unet = unet.float().eval().requires_grad_(False)
     teacher_module = unet if guidance_scale == 1.0 else GuidedDenoiser(unet, guidance_scale)
     images, labels = load_digits_dataset("train")

@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .digits import GuidedDenoiser, UNetDistillProblem, digits_distill_problem, schedule_of
+from ..schedule import NoiseSchedule
+from .digits import GuidedDenoiser, UNetDistillProblem, digits_distill_problem
 from .engine import ScoreModel
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -230,7 +231,8 @@ def pipeline_distill_problem(pipeline: Any, train_data_dir: str | Path | None, g
     data, captions = load_image_folder(train_data_dir, pixel_size, channels, caption_column if text else None,
                                        encode, progress)
     scheduler_config = dict(pipeline.scheduler.config)
-    schedule, prediction_type = schedule_of(scheduler_config)
+    schedule = NoiseSchedule.from_config(scheduler_config)
+    prediction_type = NoiseSchedule.model_prediction_type(scheduler_config)
     unet = unet.float().eval().requires_grad_(False)
     labels, prompts, net = None, None, unet
     if text:

@@ -102,8 +102,7 @@ class DifflabModularGuider(BaseGuidance):
         uncond = pred_cond if pred_uncond is None else pred_uncond  # skipped rows: guided = cond
         scheduler = self.pipeline.scheduler
         schedule = NoiseSchedule.from_config(scheduler.config)
-        prediction_type = "flow_prediction" if schedule.kind == "flow" else scheduler.config.get(
-            "prediction_type", "epsilon")
+        prediction_type = NoiseSchedule.model_prediction_type(scheduler.config)
         t = torch.as_tensor(self._timestep).reshape(-1).detach().cpu().double().expand(self._batch_size)
         guided = self.guider(pred_cond, uncond, self._sample, t, schedule, prediction_type)
         return GuiderOutput(pred=guided.to(pred_cond.dtype), pred_cond=pred_cond, pred_uncond=pred_uncond)
