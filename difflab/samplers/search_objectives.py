@@ -3,8 +3,10 @@
 * :func:`gmm_objective`: the Gaussian-mixture test bed; RMSE against the exact probability-flow
   ODE solution from the same starting noise.
 * :func:`unet_objective`: a UNet model (a built-in digits model or a diffusers pipeline
-  directory with a ``unet``); RMSE against a 250-step DPM-Solver++ 3M solution from the same
-  noise (``metric="rmse"``), or FD-digits of the samples (``metric="fd"``, digits models only).
+  directory with a ``unet``: unconditional, class-conditional, or text-conditioned like Stable
+  Diffusion, whose prompts are given and cycled over the starting noises); RMSE against a
+  250-step DPM-Solver++ 3M solution from the same noise (``metric="rmse"``; in latent space for
+  latent pipelines), or FD-digits of the samples (``metric="fd"``, digits models only).
 
 Each objective has a ``search`` and a ``heldout`` split of starting noise drawn from different
 seeds; the search only sees ``search``.
@@ -85,6 +87,40 @@ def unet_denoiser(unet: torch.nn.Module, labels: torch.Tensor | None = None, gui
     return denoise
 
 
+def text_denoiser(unet: torch.nn.Module, embeds: torch.Tensor, uncond: torch.Tensor | None = None,
+                  guidance_scale: float = 1.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(x, t) -> model output`` of a text-conditioned UNet with per-row prompt embeddings ``embeds``
+    (classifier-free guided against ``uncond`` when ``guidance_scale > 1``)."""
+
+    @torch.no_grad()
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = x.to(unet.dtype)
+        if guidance_scale == 1.0:
+            return unet(x, t, encoder_hidden_states=embeds).sample
+        both = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([embeds, uncond])).sample
+        cond, uncond_out = both.chunk(2)
+        return uncond_out + guidance_scale * (cond - uncond_out)
+
+    return denoise
+
+
+def _text_conditions(pipe: Any, prompts: list[str] | None, noise: dict[str, torch.Tensor],
+                     guidance_scale: float) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per split: (prompt embeddings of each starting noise, the empty prompt's), prompts taken in turn."""
+    if not prompts:
+        raise ValueError(f"{type(pipe).__name__} is text-conditioned: pass the prompts to search with (--prompts).")
+    if not callable(getattr(pipe, "encode_prompt", None)) or getattr(pipe.unet.config, "addition_embed_type", None):
+        raise ValueError(f"{type(pipe).__name__} is not supported for text-conditioned search; use a Stable "
+                         "Diffusion 1.x / 2.x pipeline.")
+    with torch.no_grad():
+        embeds, uncond = pipe.encode_prompt(list(prompts), "cpu", 1, guidance_scale > 1.0)
+    out = {}
+    for split, z in noise.items():
+        rows = torch.arange(len(z)) % len(prompts)
+        out[split] = (embeds[rows], None if uncond is None else uncond[rows])
+    return out
+
+
 class FDObjective(ReferenceObjective):
     """FD-digits of a schedule's samples (class-conditional digits models); no reference needed."""
 
@@ -101,24 +137,37 @@ class FDObjective(ReferenceObjective):
 
 
 def unet_objective(model: str, metric: str = "rmse", num_samples: int = 256, heldout_samples: int = 500,
-                   guidance_scale: float = 1.0, seed: int = 0) -> tuple[ReferenceObjective, NoiseSchedule]:
-    """Objective for a built-in digits model or a local pipeline directory with a ``unet``."""
+                   guidance_scale: float = 1.0, seed: int = 0,
+                   prompts: list[str] | None = None) -> tuple[ReferenceObjective, NoiseSchedule]:
+    """Objective for a built-in digits model or a local pipeline directory with a ``unet`` (``prompts``:
+    text-conditioned pipelines)."""
     from ..models import load
 
     pipe = load(model)
-    unet, config = pipe.unet.eval(), dict(pipe.scheduler.config)
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise ValueError(f"{model} ({type(pipe).__name__}) has no UNet (pipe.unet); search supports the Gaussian "
+                         "mixture, UNet pipelines (digits models, DDPMPipeline, Stable Diffusion 1.x / 2.x).")
+    unet, config = unet.eval(), dict(pipe.scheduler.config)
     schedule = NoiseSchedule.from_config(config)
     size, channels = unet.config.sample_size, unet.config.in_channels
     shape = (channels, size, size) if isinstance(size, int) else (channels, *size)
     noise = _noise_splits(shape, num_samples, heldout_samples, seed, torch.float32)
+    text = getattr(unet.config, "cross_attention_dim", None) is not None
     conditional = getattr(unet.config, "num_class_embeds", None) is not None
     labels = {split: torch.arange(len(z)) % 10 for split, z in noise.items()} if conditional else None
     if metric == "fd" and not conditional:
         raise ValueError("metric 'fd' (FD-digits) needs a class-conditional digits model; use metric 'rmse'.")
+    if prompts and not text:
+        raise ValueError(f"{model} is not text-conditioned: it takes no --prompts.")
     null = (unet.config.num_class_embeds - 1) if conditional else None
+    conditions = _text_conditions(pipe, prompts, noise, guidance_scale) if text else None
 
     def sample(scheduler: Any, split: str, num_inference_steps: int | None) -> torch.Tensor:
-        denoise = unet_denoiser(unet, labels[split] if labels else None, guidance_scale, null)
+        if conditions is not None:
+            denoise = text_denoiser(unet, *conditions[split], guidance_scale)
+        else:
+            denoise = unet_denoiser(unet, labels[split] if labels else None, guidance_scale, null)
         return drive(scheduler, denoise, noise[split], num_inference_steps)
 
     if metric == "fd":
@@ -134,13 +183,15 @@ def unet_objective(model: str, metric: str = "rmse", num_samples: int = 256, hel
 
 def build_objective(model: str, metric: str, nfe: int, *, setting: str = "vp-scaled_linear", dim: int = 16,
                     num_samples: int | None = None, heldout_samples: int | None = None, guidance_scale: float = 1.0,
-                    seed: int = 0) -> tuple[ReferenceObjective, SearchSpace]:
+                    seed: int = 0, prompts: list[str] | None = None) -> tuple[ReferenceObjective, SearchSpace]:
     """The objective and search space of ``difflab search`` for a model name (``gmm``, a digits model, a directory)."""
     if model == "gmm":
+        if prompts:
+            raise ValueError("the Gaussian-mixture model takes no --prompts.")
         if metric != "rmse":
             raise ValueError("the Gaussian-mixture model supports metric 'rmse' only (distance to the exact ODE solution).")
         objective, schedule = gmm_objective(setting, dim, num_samples or 512, heldout_samples or 1000, seed=seed)
     else:
         objective, schedule = unet_objective(model, metric, num_samples or (500 if metric == "fd" else 256),
-                                             heldout_samples or 500, guidance_scale, seed)
+                                             heldout_samples or 500, guidance_scale, seed, prompts)
     return objective, SearchSpace(schedule, nfe)

@@ -109,3 +109,34 @@ def test_cli_search_bad_metric_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         main(["search", "--model", "gmm", "--nfe", "4", "--metric", "fd"])
     assert "metric 'rmse' only" in capsys.readouterr().err
+
+
+def test_text_pipeline_objective_samples_as_the_pipeline_does(tmp_path, capsys):
+    """Stable Diffusion: the objective's guided samples equal the pipeline's own latents for the same noise, prompts
+    (taken in turn) and scheduler; `difflab search --prompts` writes a schedule the pipeline runs."""
+    from diffusers import StableDiffusionPipeline
+
+    from difflab.models.tiny import tiny_sd_pipeline
+    from difflab.samplers.search_objectives import _noise_splits, unet_objective
+
+    tiny_sd_pipeline().save_pretrained(tmp_path / "sd")
+    prompts = ["a cat", "a dog"]
+    objective, _ = unet_objective(str(tmp_path / "sd"), num_samples=2, heldout_samples=3, guidance_scale=3.0,
+                                  prompts=prompts)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "sd", safety_checker=None, requires_safety_checker=False)
+    ours = objective.sample(USFScheduler.from_config(pipe.scheduler.config, decisions="dpm++2m"), "heldout", 5)
+    pipe.scheduler = USFScheduler.from_config(pipe.scheduler.config, decisions="dpm++2m")
+    noise = _noise_splits((4, 32, 32), 2, 3, 0, torch.float32)["heldout"]
+    theirs = pipe(["a cat", "a dog", "a cat"], num_inference_steps=5, guidance_scale=3.0, latents=noise,
+                  output_type="latent").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+    out = tmp_path / "sched.json"
+    main(["search", "--model", str(tmp_path / "sd"), "--prompts", *prompts, "--nfe", "4", "--max-evaluations", "3",
+          "--num-samples", "2", "--heldout-samples", "2", "--out", str(out)])
+    assert "NFE 4:" in capsys.readouterr().out
+    pipe.scheduler = USFScheduler.from_config(pipe.scheduler.config, decisions=str(out))
+    assert pipe("a cat", num_inference_steps=4, output_type="latent").images.shape == (1, 4, 32, 32)
+    with pytest.raises(SystemExit):
+        main(["search", "--model", str(tmp_path / "sd"), "--nfe", "4", "--out", str(out)])
+    assert "pass the prompts" in capsys.readouterr().err
