@@ -147,9 +147,14 @@ def _fit_linear_ag(args: argparse.Namespace) -> None:
 
     from .guidance import fit_linear_ag
     from .models import load
+    from .models.digits import DigitsPipeline
     from .samplers import get_scheduler
 
     pipe = load(args.model)
+    if not isinstance(pipe, DigitsPipeline):
+        raise ValueError(f"fit-linear-ag fits the digits models; {args.model} is a {type(pipe).__name__}. For another "
+                         "pipeline call difflab.guidance.fit_linear_ag(pipe, call_kwargs, ...) from Python with its "
+                         "prompts in call_kwargs.")
     pipe.scheduler = get_scheduler(args.scheduler, pipe.scheduler.config)
     call = dict(class_labels=list(range(10)), num_images_per_label=args.per_class, output_type="latent",
                 generator=torch.Generator().manual_seed(args.seed))

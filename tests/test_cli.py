@@ -123,3 +123,6 @@ def test_sample_other_diffusers_pipelines(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["sample", *flags, "--out", str(tmp_path / "x.png")])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["guidance", "fit-linear-ag", "--model", str(tmp_path / "sd"), "--out", str(tmp_path / "c.json")])
+    assert "fit_linear_ag(pipe, call_kwargs" in capsys.readouterr().err
