@@ -135,10 +135,10 @@ def build_problem(args: argparse.Namespace):
         return mixture_problem(reward, teacher_steps=args.teacher_steps, seed=args.seed,
                                eval_samples=args.num_validation_samples)
     from ..models import load
-    from .pipelines import _is_digits_pipeline
+    from .pipelines import is_digits_pipeline
 
     pipeline = load(args.model)
-    if not _is_digits_pipeline(pipeline):
+    if not is_digits_pipeline(pipeline):
         from .aligner import pipeline_problem
 
         if args.label != "null":

@@ -175,7 +175,7 @@ def encode_prompts(pipeline: Any, prompts: list[str]) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _is_digits_pipeline(pipeline: Any) -> bool:
+def is_digits_pipeline(pipeline: Any) -> bool:
     from ..models.digits import DigitsPipeline
 
     return isinstance(pipeline, DigitsPipeline)
@@ -188,18 +188,14 @@ def distill_problem(model: str, guidance_scale: float = 1.0, train_data_dir: str
     from ..models import load
 
     pipeline = load(model)
-    if _is_digits_pipeline(pipeline):
+    if is_digits_pipeline(pipeline):
         return digits_distill_problem(pipeline, guidance_scale)
     return pipeline_distill_problem(pipeline, train_data_dir, guidance_scale, name=str(model), progress=progress,
                                     caption_column=caption_column)
 
 
-def pipeline_distill_problem(pipeline: Any, train_data_dir: str | Path | None, guidance_scale: float = 1.0,
-                             name: str = "the pipeline", progress: bool = False,
-                             caption_column: str = "text") -> UNetDistillProblem:
-    """The problem of a loaded diffusers pipeline with a ``UNet2DModel`` (unconditional) or a
-    ``UNet2DConditionModel`` (text-conditioned) and the real images of ``train_data_dir`` (captions: the
-    ``caption_column`` of its metadata.jsonl)."""
+def _checked_unet(pipeline: Any, name: str, train_data_dir: str | Path | None, guidance_scale: float) -> nn.Module:
+    """The pipeline's UNet, or a ValueError saying why this teacher cannot be distilled as asked."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 
     unet = getattr(pipeline, "unet", None)
@@ -208,7 +204,7 @@ def pipeline_distill_problem(pipeline: Any, train_data_dir: str | Path | None, g
                          "pipe.unet; one-step distillation supports DDPMPipeline / DDIMPipeline, Stable Diffusion "
                          "(1.x / 2.x) pipelines and the digits models.")
     text = isinstance(unet, UNet2DConditionModel)
-    if isinstance(unet, UNet2DModel) and unet.config.num_class_embeds:
+    if not text and unet.config.num_class_embeds:
         raise ValueError(f"{name}: class-conditional UNet2DModel pipelines other than DigitsPipeline are not "
                          "supported (their class labels have no dataset convention); use an unconditional one.")
     if text and not callable(getattr(pipeline, "encode_prompt", None)):
@@ -224,6 +220,19 @@ def pipeline_distill_problem(pipeline: Any, train_data_dir: str | Path | None, g
     if not text and guidance_scale != 1.0:
         raise ValueError(f"{name} is unconditional: classifier-free guidance needs a conditional teacher; "
                          "leave --guidance_scale at 1.")
+    return unet
+
+
+def pipeline_distill_problem(pipeline: Any, train_data_dir: str | Path | None, guidance_scale: float = 1.0,
+                             name: str = "the pipeline", progress: bool = False,
+                             caption_column: str = "text") -> UNetDistillProblem:
+    """The problem of a loaded diffusers pipeline with a ``UNet2DModel`` (unconditional) or a
+    ``UNet2DConditionModel`` (text-conditioned) and the real images of ``train_data_dir`` (captions: the
+    ``caption_column`` of its metadata.jsonl)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = _checked_unet(pipeline, name, train_data_dir, guidance_scale)
+    text = isinstance(unet, UNet2DConditionModel)
     vae = getattr(pipeline, "vae", None)
     pixel_size = unet.config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
     channels = vae.config.in_channels if vae is not None else unet.config.in_channels
@@ -231,18 +240,17 @@ def pipeline_distill_problem(pipeline: Any, train_data_dir: str | Path | None, g
     data, captions = load_image_folder(train_data_dir, pixel_size, channels, caption_column if text else None,
                                        encode, progress)
     scheduler_config = dict(pipeline.scheduler.config)
-    schedule = NoiseSchedule.from_config(scheduler_config)
     prediction_type = NoiseSchedule.model_prediction_type(scheduler_config)
-    unet = unet.float().eval().requires_grad_(False)
-    labels, prompts, net = None, None, unet
+    net, labels, prompts = unet.float().eval().requires_grad_(False), None, None
     if text:
         prompts = sorted(set(captions))
-        labels = torch.tensor([prompts.index(c) for c in captions])
-        net = PromptConditionedUNet(unet, encode_prompts(pipeline, prompts + [""]))
+        index = {prompt: i for i, prompt in enumerate(prompts)}
+        labels = torch.tensor([index[c] for c in captions])
+        net = PromptConditionedUNet(net, encode_prompts(pipeline, prompts + [""]))
     teacher = net if guidance_scale == 1.0 else GuidedDenoiser(net, guidance_scale, net.null_label)
-    return UNetDistillProblem(schedule, ScoreModel(teacher, prediction_type), net, prediction_type, data, labels,
-                              scheduler_config, num_classes=0 if prompts is None else len(prompts),
-                              pipeline=pipeline, prompts=prompts)
+    return UNetDistillProblem(NoiseSchedule.from_config(scheduler_config), ScoreModel(teacher, prediction_type), net,
+                              prediction_type, data, labels, scheduler_config,
+                              num_classes=0 if prompts is None else len(prompts), pipeline=pipeline, prompts=prompts)
 
 
 # --------------------------------------------------------------------------------------------
