@@ -274,13 +274,16 @@ def pipeline_student_images(generator: nn.Module, problem: UNetDistillProblem, p
     return decode_latents(getattr(problem.pipeline, "vae", None), x0), names
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path, cols: int) -> Path:
-    """A PNG grid of images in [-1, 1] (B, C, H, W), ``cols`` per row."""
+def save_image_grid(images: torch.Tensor, path: str | Path, cols: int, min_size: int = 64) -> Path:
+    """A PNG grid of images in [-1, 1] (B, C, H, W), ``cols`` per row; images smaller than ``min_size`` pixels
+    are enlarged (nearest neighbour) by a whole factor."""
     from diffusers.utils import make_image_grid
     from PIL import Image
 
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    scale = max(1, min_size // max(pixels.shape[1:3]))
     tiles = [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]
+    tiles = [t.resize((t.width * scale, t.height * scale), Image.NEAREST) for t in tiles]
     make_image_grid(tiles, rows=len(tiles) // cols, cols=cols).save(path)
     return Path(path)
 

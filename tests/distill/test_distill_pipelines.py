@@ -73,6 +73,7 @@ def test_unconditional_ddpm_student_is_a_one_step_ddpm_pipeline(data, tmp_path):
     _distill("f-distill", data / "ddpm", data / "plain", tmp_path)
     for name in ("samples.png", "validation-2.png", "train_summary.json", "model_index.json"):
         assert (tmp_path / name).is_file(), name
+    assert Image.open(tmp_path / "samples.png").size == (8 * 64, 64)  # one row of 8x8 images, enlarged 8-fold
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["finished"] and summary["generator_timestep"] < 999  # linear betas: the auto rule's timestep
     pipe = DDPMPipeline.from_pretrained(tmp_path)
