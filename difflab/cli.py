@@ -20,6 +20,8 @@ BENCHMARKS = {
     "usf": ("difflab.benchmarks.usf", "S^3-searched USF schedules against diffusers' solvers per NFE"),
     "distill": ("difflab.benchmarks.distill", "f-distill on a 2-D mixture of 8 unequal modes: mode coverage per divergence"),
     "distill-digits": ("difflab.benchmarks.distill_digits", "one-step digits-ddpm students: FD-digits vs generator steps"),
+    "distill-pipeline": ("difflab.benchmarks.distill_pipeline",
+                         "one-step student of a trained DDPMPipeline via --model DIR --train_data_dir"),
     "align": ("difflab.benchmarks.align", "AWM against a DDPO-style baseline: reward versus generated samples"),
 }
 

@@ -130,3 +130,17 @@ def test_pipeline_problems_explain_what_is_missing(data, tmp_path, capsys):
     with pytest.raises(ValueError, match="no UNet2DModel / UNet2DConditionModel"):
         pipeline_distill_problem(tiny_sd3_pipeline(), data / "plain")
     assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_distill_pipeline_bench_end_to_end(tmp_path):
+    """bench distill-pipeline: an exact unconditional digits DDPMPipeline, PNGs, the trainer, the page (tiny run)."""
+    from difflab.benchmarks.distill_pipeline import main as bench
+
+    out = tmp_path / "page.md"
+    bench(["--steps", "2", "--eval-samples", "12", "--teacher-steps", "2", "--workdir", str(tmp_path / "w"),
+           "--out", str(out)])
+    page = out.read_text()
+    assert "--train_data_dir" in page and "| one-step student (js, 0 generator steps)" in page
+    assert len(list((tmp_path / "w" / "train").glob("*.png"))) == 1438
+    assert DDPMPipeline.from_pretrained(tmp_path / "w" / "student").unet.config.num_class_embeds is None
+    assert (tmp_path / "page-samples.png").is_file()
