@@ -143,7 +143,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
         f"{' / '.join(f'{v:.1f}' for v in t_fd)} | {t_mean:.1f} | 1.00 |",
         f"| one-step student ({args.divergence}, {generator_steps} generator steps) | its saved one-step pipeline | "
         f"{' / '.join(f'{v:.1f}' for v in s_fd)} | {s_mean:.1f} | {s_mean / t_mean:.2f} |"])
-    body = (f"{count} training PNGs; {args.eval_samples} samples per draw; noise floor of {args.eval_samples} real "
+    body = (f"\n{count} training PNGs; {args.eval_samples} samples per draw; noise floor of {args.eval_samples} real "
             f"digits {floor:.1f}. Training ({args.steps} iterations, one thread) took {train_seconds / 60:.1f} min; "
             f"the trainer's command:\n\n```\n{' '.join(command[1:])}\n```\n\n"
             f"{table}\n\nSame noise, teacher (top) and one-step student (bottom):\n\n![samples]({png.name})\n")
