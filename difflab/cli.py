@@ -77,8 +77,6 @@ def _sample(args: argparse.Namespace) -> None:
                                                args.num_per_class, args.seed, args.out)
         else:
             steps, guidance = sampling.recommended_settings(args.model, args.steps, args.guidance_scale, None)
-            if not args.prompt and args.guidance_scale is None:
-                guidance = None  # an unconditional pipeline: a saved guidance setting does not apply
             path = sampling.sample_pipeline_grid(pipe, args.scheduler, steps, guidance, args.prompt,
                                                  args.num_per_class, args.seed, args.out)
     print(f"wrote {path}")

@@ -325,16 +325,14 @@ def pipeline_problem(pipeline: Any, reward: Reward, prompts: list[str] | None = 
     (Stable Diffusion; ``prompts`` needed, encoded once, the groups take them in turn). Rollouts run in the
     UNet's space with the pipeline's own scheduler; the reward sees VAE-decoded images in [-1, 1] and the
     prompts."""
-    from diffusers import UNet2DConditionModel, UNet2DModel
+    from ..models.hub import unet_conditioning
+    from .pipelines import decode_latents, prompt_conditioned_unet
 
-    from .pipelines import PromptConditionedUNet, decode_latents, encode_prompts
-
-    unet = getattr(pipeline, "unet", None)
-    if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)) or getattr(unet.config, "num_class_embeds", None):
-        raise ValueError(f"{name} ({type(pipeline).__name__}) is not a diffusion pipeline with an unconditional "
-                         "UNet2DModel or a UNet2DConditionModel as pipe.unet; align DDPMPipeline / DDIMPipeline, Stable Diffusion "
-                         "(1.x / 2.x) pipelines or the digits models.")
-    text = isinstance(unet, UNet2DConditionModel)
+    conditioning = unet_conditioning(pipeline, name)
+    if conditioning == "class":
+        raise ValueError(f"{name}: class-conditional UNet2DModel pipelines other than DigitsPipeline are not "
+                         "supported; use an unconditional one.")
+    text, unet = conditioning == "text", pipeline.unet
     if text and not prompts:
         raise ValueError(f"{name} is text-conditioned: pass the prompts to align it on (--prompts).")
     if not text and prompts:
@@ -344,7 +342,7 @@ def pipeline_problem(pipeline: Any, reward: Reward, prompts: list[str] | None = 
     prediction_type = NoiseSchedule.model_prediction_type(scheduler_config)
     net, group_labels = unet.float(), None
     if text:
-        net = PromptConditionedUNet(net, encode_prompts(pipeline, list(prompts) + [""]))
+        net = prompt_conditioned_unet(pipeline, net, prompts)
         group_labels = torch.arange(len(prompts))
     vae = getattr(pipeline, "vae", None)
     problem = AlignProblem(

@@ -210,10 +210,12 @@ def one_step_pipeline(generator: OneStepGenerator, problem: UNetDistillProblem):
 
 def save_one_step_pipeline(generator: OneStepGenerator, problem: UNetDistillProblem, output_dir: str | Path,
                            extra: dict | None = None) -> Path:
-    """Save the one-step pipeline and its call settings (one step, no guidance) to ``output_dir``."""
+    """Save the one-step pipeline and its call settings (one step; no guidance, for conditional models) to
+    ``output_dir``."""
     output_dir = Path(output_dir)
     one_step_pipeline(generator, problem).save_pretrained(output_dir)
-    settings = {"num_inference_steps": 1, "guidance_scale": 1.0, **(extra or {})}
+    guidance = {} if problem.num_classes == 0 else {"guidance_scale": 1.0}  # unconditional pipelines take none
+    settings = {"num_inference_steps": 1, **guidance, **(extra or {})}
     (output_dir / SAMPLING_FILE).write_text(json.dumps(settings, indent=1) + "\n")
     return output_dir
 

@@ -196,22 +196,13 @@ def distill_problem(model: str, guidance_scale: float = 1.0, train_data_dir: str
 
 def _checked_unet(pipeline: Any, name: str, train_data_dir: str | Path | None, guidance_scale: float) -> nn.Module:
     """The pipeline's UNet, or a ValueError saying why this teacher cannot be distilled as asked."""
-    from diffusers import UNet2DConditionModel, UNet2DModel
+    from ..models.hub import unet_conditioning
 
-    unet = getattr(pipeline, "unet", None)
-    if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
-        raise ValueError(f"{name} ({type(pipeline).__name__}) has no UNet2DModel / UNet2DConditionModel as "
-                         "pipe.unet; one-step distillation supports DDPMPipeline / DDIMPipeline, Stable Diffusion "
-                         "(1.x / 2.x) pipelines and the digits models.")
-    text = isinstance(unet, UNet2DConditionModel)
-    if not text and unet.config.num_class_embeds:
+    conditioning = unet_conditioning(pipeline, name)
+    if conditioning == "class":
         raise ValueError(f"{name}: class-conditional UNet2DModel pipelines other than DigitsPipeline are not "
                          "supported (their class labels have no dataset convention); use an unconditional one.")
-    if text and not callable(getattr(pipeline, "encode_prompt", None)):
-        raise ValueError(f"{name} ({type(pipeline).__name__}) has no encode_prompt; use a Stable Diffusion pipeline.")
-    if text and getattr(unet.config, "addition_embed_type", None):
-        raise ValueError(f"{name}: UNets with added conditioning ({unet.config.addition_embed_type}, e.g. SDXL) are "
-                         "not supported; use a Stable Diffusion 1.x / 2.x pipeline.")
+    text = conditioning == "text"
     if train_data_dir is None:
         raise ValueError(f"--train_data_dir is needed to distil {name}: a folder of real training images (the "
                          "discriminator's data)" + (", with a metadata.jsonl of captions." if text else "."))
@@ -220,7 +211,13 @@ def _checked_unet(pipeline: Any, name: str, train_data_dir: str | Path | None, g
     if not text and guidance_scale != 1.0:
         raise ValueError(f"{name} is unconditional: classifier-free guidance needs a conditional teacher; "
                          "leave --guidance_scale at 1.")
-    return unet
+    return pipeline.unet
+
+
+def prompt_conditioned_unet(pipeline: Any, unet: nn.Module, prompts: list[str]) -> PromptConditionedUNet:
+    """``unet`` behind a table of the prompts' embeddings (the pipeline's ``encode_prompt``), the empty prompt
+    as the extra last row (the null label)."""
+    return PromptConditionedUNet(unet, encode_prompts(pipeline, list(prompts) + [""]))
 
 
 def pipeline_distill_problem(pipeline: Any, train_data_dir: str | Path | None, guidance_scale: float = 1.0,
@@ -246,7 +243,7 @@ def pipeline_distill_problem(pipeline: Any, train_data_dir: str | Path | None, g
         prompts = sorted(set(captions))
         index = {prompt: i for i, prompt in enumerate(prompts)}
         labels = torch.tensor([index[c] for c in captions])
-        net = PromptConditionedUNet(net, encode_prompts(pipeline, prompts + [""]))
+        net = prompt_conditioned_unet(pipeline, net, prompts)
     teacher = net if guidance_scale == 1.0 else GuidedDenoiser(net, guidance_scale, net.null_label)
     return UNetDistillProblem(NoiseSchedule.from_config(scheduler_config), ScoreModel(teacher, prediction_type), net,
                               prediction_type, data, labels, scheduler_config,

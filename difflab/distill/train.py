@@ -368,7 +368,7 @@ def build_problem(args: argparse.Namespace, progress: bool):
     return LowDimProblem(mixture, schedule, exact_teacher(mixture, schedule), teacher_net), mixture
 
 
-def digits_validator(args: argparse.Namespace, problem, output_dir: Path, runtime):
+def validator(args: argparse.Namespace, problem, output_dir: Path, runtime):
     """``on_step(state)``: every ``--validation_steps`` iterations (main process), a ``validation-N.png`` grid of
     the EMA generator, and for digits its FD-digits and accuracy into ``state.history``."""
     from .digits import evaluate_student, save_student_grid
@@ -419,7 +419,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from .pipelines import check_one_step_timestep
 
         check_one_step_timestep(problem, generator_timestep)
-    on_step = digits_validator(args, problem, output_dir, runtime) if mixture is None else None
+    on_step = validator(args, problem, output_dir, runtime) if mixture is None else None
     start = time.perf_counter()
     if args.method == "f-distill":
         stop = min(config.max_train_steps, args.stop_after_steps or config.max_train_steps)

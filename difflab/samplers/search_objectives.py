@@ -109,9 +109,6 @@ def _text_conditions(pipe: Any, prompts: list[str] | None, noise: dict[str, torc
     """Per split: (prompt embeddings of each starting noise, the empty prompt's), prompts taken in turn."""
     if not prompts:
         raise ValueError(f"{type(pipe).__name__} is text-conditioned: pass the prompts to search with (--prompts).")
-    if not callable(getattr(pipe, "encode_prompt", None)) or getattr(pipe.unet.config, "addition_embed_type", None):
-        raise ValueError(f"{type(pipe).__name__} is not supported for text-conditioned search; use a Stable "
-                         "Diffusion 1.x / 2.x pipeline.")
     with torch.no_grad():
         embeds, uncond = pipe.encode_prompt(list(prompts), "cpu", 1, guidance_scale > 1.0)
     out = {}
@@ -142,19 +139,16 @@ def unet_objective(model: str, metric: str = "rmse", num_samples: int = 256, hel
     """Objective for a built-in digits model or a local pipeline directory with a ``unet`` (``prompts``:
     text-conditioned pipelines)."""
     from ..models import load
+    from ..models.hub import unet_conditioning
 
     pipe = load(model)
-    unet = getattr(pipe, "unet", None)
-    if unet is None:
-        raise ValueError(f"{model} ({type(pipe).__name__}) has no UNet (pipe.unet); search supports the Gaussian "
-                         "mixture, UNet pipelines (digits models, DDPMPipeline, Stable Diffusion 1.x / 2.x).")
-    unet, config = unet.eval(), dict(pipe.scheduler.config)
+    conditioning = unet_conditioning(pipe, str(model))
+    unet, config = pipe.unet.eval(), dict(pipe.scheduler.config)
     schedule = NoiseSchedule.from_config(config)
     size, channels = unet.config.sample_size, unet.config.in_channels
     shape = (channels, size, size) if isinstance(size, int) else (channels, *size)
     noise = _noise_splits(shape, num_samples, heldout_samples, seed, torch.float32)
-    text = getattr(unet.config, "cross_attention_dim", None) is not None
-    conditional = getattr(unet.config, "num_class_embeds", None) is not None
+    text, conditional = conditioning == "text", conditioning == "class"
     labels = {split: torch.arange(len(z)) % 10 for split, z in noise.items()} if conditional else None
     if metric == "fd" and not conditional:
         raise ValueError("metric 'fd' (FD-digits) needs a class-conditional digits model; use metric 'rmse'.")
