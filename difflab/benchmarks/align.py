@@ -3,8 +3,11 @@
 Both methods run in the same harness (:mod:`difflab.distill.aligner`): each round draws 4 groups of 16
 samples from the current policy for the null class (the unconditional prompt), scores them, normalizes
 the rewards into group advantages (group mean, global std, clip 5, scale to [-1, 1]) and takes ONE
-AdamW step (weight decay 1e-4, gradient norm clipped at 1); full fine-tuning of the UNet. They differ
-only in the loss and in how the rollouts are sampled:
+AdamW step (weight decay 1e-4, gradient norm clipped at 1); full fine-tuning of the UNet, or with
+``--lora_rank R`` LoRA adapters of rank R (``peft``) on every linear layer of the UNet for both methods --
+the attention projections and the time-embedding layers; the convolutions stay frozen -- which is how
+the AWM and DDPO reference codes train Stable Diffusion. They differ only in the loss and in how the
+rollouts are sampled:
 
 * AWM (Xue et al. 2025): rollouts with the model's own scheduler (digits-flow: FlowMatchEuler; digits-ddpm:
   DPM-Solver++ 2M), 10 steps, ODE; the pretraining loss on the final samples at 6 timesteps of that grid
@@ -26,6 +29,11 @@ threshold). Because the grid runs are evaluated every 3 rounds (192 samples), th
 runs of each model are re-run with ``--resolve`` for three seeds and evaluated after every round (64
 samples) until they reach the threshold; the mean over seeds is the headline ratio (the grid itself
 runs one seed, 0). "awm KL b" rows are AWM with a larger KL weight.
+
+*LoRA* (``--lora_rank 8``, docs/benchmarks/align-lora.md): the same comparison with both methods
+training rank-8 adapters instead of every weight, the AWM reference code's mode; its learning-rate
+grid is higher (1e-3 to 3e-2), since the adapters start at zero and move few weights. Read the two
+pages together: the fine-tuning mode alone changes how far ahead AWM is on digits-ddpm.
 
 *No-collapse check* (``--fd_checks``): AWM with the page's KL weight, trained longer than the grid and for
 three seeds, at two learning rates (one table each), with FD-digits to the real class digits along the
@@ -81,6 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--awm_rounds", type=int, default=30)
     parser.add_argument("--ddpo_rounds", type=int, default=48)
     parser.add_argument("--lrs", type=float, nargs="+", default=LEARNING_RATES, help="Learning-rate grid (both).")
+    parser.add_argument("--lora_rank", type=int, default=0,
+                        help="LoRA rank of both methods' adapters on the UNet's linear layers (0: full fine-tuning).")
     parser.add_argument("--awm_kl", type=float, default=0.1, help="KL weight of AWM to the base model.")
     parser.add_argument("--awm_kl_sweep", type=float, nargs="*", default=[0.3, 1.0],
                         help="Extra AWM KL weights, at --kl_sweep_lr, --kl_sweep_rounds rounds (FD check).")
@@ -124,7 +134,7 @@ def run_job(job: dict) -> dict:
     extra = {"kl_beta": job["kl"]} if job["method"] == "awm" else {}
     config = AlignConfig(method=job["method"], learning_rate=job["lr"], max_train_steps=job["rounds"],
                          seed=job.get("seed", 0), **extra)
-    state = build_state(problem, config)
+    state = build_state(problem, config, lora_rank=job.get("lora_rank", 0))
     history = [{"samples": 0, "seconds": 0.0, **problem.evaluate(state.policy, config.num_inference_steps)}]
     start = time.time()
     for _ in range(job["rounds"]):
@@ -280,6 +290,8 @@ def headline(model: str, reward: str, info: dict, base_fd: float | None) -> str:
     (_, awm, n_awm, _), (_, ddpo, n_ddpo, budget) = info["best"]["awm"], info["best"]["ddpo"]
     if n_awm is None:
         ratio = "AWM did not reach the threshold"
+    elif n_awm == 0:
+        ratio = "no ratio (the start reward already meets the threshold; train longer)"
     elif n_ddpo is None:
         ratio = f"> {budget / n_awm:.1f}x (DDPO did not reach it within {budget} samples)"
     else:
@@ -364,7 +376,9 @@ def grids_figure(results: list[dict], png: Path) -> None:
         if "grid" in r:
             rows.append(torch.tensor(r["grid"], dtype=torch.float32) / 255)
             check = f" seed {r['seed']}, no-collapse check" if r.get("fd_check") else ""
-            labels.append(f"{r['model']} {r['method']} lr {r['lr']:g} KL {r['kl']:g} {r['reward']}{check}")
+            kl = f" KL {r['kl']:g}" if r["method"] == "awm" else ""  # DDPO runs without a KL term
+            lora = f" LoRA {r['lora_rank']}" if r.get("lora_rank") else ""
+            labels.append(f"{r['model']} {r['method']} lr {r['lr']:g}{kl}{lora} {r['reward']}{check}")
     if rows:
         make_grid(torch.cat(rows), nrow=16).save(png)
         png.with_suffix(".txt").write_text("rows, top to bottom:\n" + "\n".join(labels) + "\n")
@@ -373,7 +387,7 @@ def grids_figure(results: list[dict], png: Path) -> None:
 def job_key(job: dict) -> tuple:
     kl = job["kl"] if job["method"] == "awm" else 0
     return (job["model"], job["method"], job["lr"], job["reward"], job["rounds"], kl, job.get("stop_at"),
-            job.get("seed", 0), job.get("fd_check", False))
+            job.get("seed", 0), job.get("fd_check", False), job.get("lora_rank", 0))
 
 
 def build_jobs(args: argparse.Namespace) -> list[dict]:
@@ -383,7 +397,8 @@ def build_jobs(args: argparse.Namespace) -> list[dict]:
 
     def add(model, method, lr, reward, rounds, kl=args.awm_kl, **extra):
         jobs.append({"model": model, "method": method, "lr": lr, "reward": reward, "rounds": rounds, "kl": kl,
-                     "eval_every": args.eval_every, "target_class": args.target_class, **extra})
+                     "eval_every": args.eval_every, "target_class": args.target_class, "lora_rank": args.lora_rank,
+                     **extra})
 
     for model in args.models:
         for method, rounds in (("awm", args.awm_rounds), ("ddpo", args.ddpo_rounds)):
@@ -421,7 +436,7 @@ def resolution_runs(results: list[dict], done: list[dict], args: argparse.Namesp
             if n is not None:
                 for seed in args.resolve_seeds:
                     jobs.append({**{k: best[k] for k in ("model", "method", "lr", "reward", "rounds", "kl",
-                                                         "target_class")},
+                                                         "target_class")}, "lora_rank": best.get("lora_rank", 0),
                                  "eval_every": 1, "stop_at": round(info["level"], 6), "seed": seed})
     have = {job_key(r): r for r in done if "stop_at" in r}
     todo = [j for j in jobs if job_key(j) not in have]
@@ -444,7 +459,7 @@ def resolution_lines(results: list[dict], model: str, main_kl: float) -> list[st
             f"{sorted({r.get('seed', 0) for r in runs})}: " + "; ".join(parts))
     means = {label: [n for _, n in items] for label, items in found.items()}
     if all(n is not None for n in means.get("awm", [None])) and "ddpo" in means \
-            and all(n is not None for n in means["ddpo"]):
+            and all(n is not None for n in means["ddpo"]) and sum(means["awm"]) > 0:
         awm, ddpo = sum(means["awm"]) / len(means["awm"]), sum(means["ddpo"]) / len(means["ddpo"])
         line += f". Means: AWM {awm:.0f}, DDPO {ddpo:.0f}: **AWM needs {ddpo / awm:.1f}x fewer samples**."
     elif "ddpo" not in means:
@@ -481,7 +496,8 @@ def report(results: list[dict], args: argparse.Namespace, argv: list[str] | None
     curves_figure(results, png, args.awm_kl)
     mixture_figure(results, args.out.with_name(args.out.stem + "-mixture.png"))
     grids_figure(digits + checks, args.out.with_name(args.out.stem + "-samples.png"))
-    body = []
+    body = [f"**Fine-tuning: LoRA of rank {args.lora_rank} on every linear layer, both methods.**" if args.lora_rank
+            else "**Fine-tuning: full (every UNet weight), both methods.**", ""]
     for model, reward in sorted({(r["model"], r["reward"]) for r in digits}):
         rows, info = reward_table(results, model, reward, args.awm_kl)
         base = base_class_fd(model, args.target_class) if reward.startswith("class") else None
@@ -512,10 +528,11 @@ def report(results: list[dict], args: argparse.Namespace, argv: list[str] | None
                 "training in all (one thread per run, two runs in parallel)"
                 + (f"; with --reuse the runs already in {args.out.stem}.json were kept, so the wall time above is only "
                    "this invocation's; without --reuse the same command re-runs everything." if args.reuse else "."))
-    body.append(f"2-D samples: {args.out.stem}-mixture.png. Samples of the final digits policies: {args.out.stem}-samples.png (16 per run, rows listed in "
+    body.append((f"2-D samples: {args.out.stem}-mixture.png. " if mixture else "")
+                + f"Samples of the final digits policies: {args.out.stem}-samples.png (16 per run, rows listed in "
                 f"{args.out.stem}-samples.txt). Raw histories: {args.out.stem}.json.")
-    return publish(args.out, "Alignment: AWM against a DDPO-style baseline", "align", argv, time.time() - start, __doc__,
-                   "\n".join(body), picture=png.name)
+    title = "Alignment: AWM against a DDPO-style baseline" + (f" (LoRA rank {args.lora_rank})" if args.lora_rank else "")
+    return publish(args.out, title, "align", argv, time.time() - start, __doc__, "\n".join(body), picture=png.name)
 
 
 def main(argv: list[str] | None = None) -> None:
