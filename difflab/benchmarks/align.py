@@ -289,16 +289,16 @@ def reward_table(results: list[dict], model: str, reward: str, main_kl: float) -
 def headline(model: str, reward: str, info: dict, base_fd: float | None) -> str:
     (_, awm, n_awm, _), (_, ddpo, n_ddpo, budget) = info["best"]["awm"], info["best"]["ddpo"]
     if n_awm is None:
-        ratio = "AWM did not reach the threshold"
+        comparison = "AWM did not reach it, so there is no ratio."
     elif n_awm == 0:
-        ratio = "no ratio (the start reward already meets the threshold; train longer)"
+        comparison = "the start reward already meets it, so there is no ratio (train longer)."
     elif n_ddpo is None:
-        ratio = f"> {budget / n_awm:.1f}x (DDPO did not reach it within {budget} samples)"
+        comparison = f"AWM needs > {budget / n_awm:.1f}x fewer samples (DDPO did not reach it within {budget})."
     else:
-        ratio = f"{n_ddpo / n_awm:.1f}x"
+        comparison = f"AWM needs {n_ddpo / n_awm:.1f}x fewer samples."
     text = (f"**{model}, {reward}**: 90% of AWM's final reward = {info['level']:.3f}. On the grid (evaluated every "
             f"{awm['eval_every']} rounds) AWM (lr {awm['lr']:g}) reaches it after {_fmt(n_awm, 0)} samples, DDPO "
-            f"(best lr {ddpo['lr']:g}) after {_fmt(n_ddpo, budget)}: AWM needs {ratio} fewer samples.")
+            f"(best lr {ddpo['lr']:g}) after {_fmt(n_ddpo, budget)}: {comparison}")
     if base_fd is not None:
         fd = info["chosen"]["history"][-1].get("fd_to_class")
         text += (f" FD-digits to the real class digits: base model's class-conditional samples {base_fd:.0f}, "

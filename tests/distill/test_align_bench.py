@@ -24,4 +24,4 @@ def test_headline_when_the_start_already_meets_the_threshold():
     run = {"lr": 1e-3, "eval_every": 1, "history": [{"eval_reward": 0.5, "samples": 0}]}
     info = {"level": 0.45, "chosen": run, "best": {"awm": ((0, -0.5), run, 0, 0), "ddpo": ((0, -0.5), run, 0, 0)}}
     text = headline("digits-ddpm", "class:3", info, None)
-    assert "start reward already meets the threshold" in text
+    assert "the start reward already meets it, so there is no ratio" in text
