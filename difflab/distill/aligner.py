@@ -325,14 +325,9 @@ def pipeline_problem(pipeline: Any, reward: Reward, prompts: list[str] | None = 
     (Stable Diffusion; ``prompts`` needed, encoded once, the groups take them in turn). Rollouts run in the
     UNet's space with the pipeline's own scheduler; the reward sees VAE-decoded images in [-1, 1] and the
     prompts."""
-    from ..models.hub import unet_conditioning
-    from .pipelines import decode_latents, prompt_conditioned_unet
+    from .pipelines import decode_latents, is_text_pipeline, prompt_conditioned_unet
 
-    conditioning = unet_conditioning(pipeline, name)
-    if conditioning == "class":
-        raise ValueError(f"{name}: class-conditional UNet2DModel pipelines other than DigitsPipeline are not "
-                         "supported; use an unconditional one.")
-    text, unet = conditioning == "text", pipeline.unet
+    text, unet = is_text_pipeline(pipeline, name), pipeline.unet
     if text and not prompts:
         raise ValueError(f"{name} is text-conditioned: pass the prompts to align it on (--prompts).")
     if not text and prompts:

@@ -194,15 +194,23 @@ def distill_problem(model: str, guidance_scale: float = 1.0, train_data_dir: str
                                     caption_column=caption_column)
 
 
-def _checked_unet(pipeline: Any, name: str, train_data_dir: str | Path | None, guidance_scale: float) -> nn.Module:
-    """The pipeline's UNet, or a ValueError saying why this teacher cannot be distilled as asked."""
+def is_text_pipeline(pipeline: Any, name: str = "the pipeline") -> bool:
+    """Whether a non-digits UNet pipeline is text-conditioned (Stable Diffusion) rather than unconditional
+    (DDPMPipeline); ValueError for the ones distill and align cannot drive (``models.hub.unet_conditioning``)."""
     from ..models.hub import unet_conditioning
 
     conditioning = unet_conditioning(pipeline, name)
     if conditioning == "class":
         raise ValueError(f"{name}: class-conditional UNet2DModel pipelines other than DigitsPipeline are not "
                          "supported (their class labels have no dataset convention); use an unconditional one.")
-    text = conditioning == "text"
+    return conditioning == "text"
+
+
+def _checked_unet(pipeline: Any, name: str, train_data_dir: str | Path | None,
+                  guidance_scale: float) -> tuple[nn.Module, bool]:
+    """The pipeline's UNet and whether it is text-conditioned, or a ValueError saying why this teacher cannot
+    be distilled as asked."""
+    text = is_text_pipeline(pipeline, name)
     if train_data_dir is None:
         raise ValueError(f"--train_data_dir is needed to distil {name}: a folder of real training images (the "
                          "discriminator's data)" + (", with a metadata.jsonl of captions." if text else "."))
@@ -211,7 +219,7 @@ def _checked_unet(pipeline: Any, name: str, train_data_dir: str | Path | None, g
     if not text and guidance_scale != 1.0:
         raise ValueError(f"{name} is unconditional: classifier-free guidance needs a conditional teacher; "
                          "leave --guidance_scale at 1.")
-    return pipeline.unet
+    return pipeline.unet, text
 
 
 def prompt_conditioned_unet(pipeline: Any, unet: nn.Module, prompts: list[str]) -> PromptConditionedUNet:
@@ -226,10 +234,7 @@ def pipeline_distill_problem(pipeline: Any, train_data_dir: str | Path | None, g
     """The problem of a loaded diffusers pipeline with a ``UNet2DModel`` (unconditional) or a
     ``UNet2DConditionModel`` (text-conditioned) and the real images of ``train_data_dir`` (captions: the
     ``caption_column`` of its metadata.jsonl)."""
-    from diffusers import UNet2DConditionModel
-
-    unet = _checked_unet(pipeline, name, train_data_dir, guidance_scale)
-    text = isinstance(unet, UNet2DConditionModel)
+    unet, text = _checked_unet(pipeline, name, train_data_dir, guidance_scale)
     vae = getattr(pipeline, "vae", None)
     pixel_size = unet.config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
     channels = vae.config.in_channels if vae is not None else unet.config.in_channels
