@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if runtime.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
     problem = build_problem(args)
-    problem.net.to(accelerator.device)
+    problem.to(accelerator.device)
     state = build_state(problem, config, args.lora_rank)
     if resume is not None:
         payload = torch.load(resume / "state.pt", map_location="cpu", weights_only=False)

@@ -130,6 +130,14 @@ class AlignProblem:
         labels = self.group_labels[(first + torch.arange(num_groups)) % len(self.group_labels)]
         return labels.repeat_interleave(group_size), groups
 
+    def to(self, device: torch.device | str) -> AlignProblem:
+        """Move the trained network (and a latent pipeline's VAE, which decodes every rollout) to ``device``."""
+        self.net.to(device)
+        vae = getattr(self.pipeline, "vae", None)
+        if vae is not None:
+            vae.to(device)
+        return self
+
     def rewards(self, x0: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """The reward of model-space samples: decoded first, with the prompts (text pipelines) or labels."""
         images = x0 if self.decode is None else self.decode(x0)

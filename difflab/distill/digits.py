@@ -102,13 +102,28 @@ class UNetDistillProblem:
     def is_digits(self) -> bool:
         return self.pipeline is None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the networks live and every batch goes (the teacher's device; the real data stay on the CPU)."""
+        return next(self.teacher_net.parameters()).device
+
+    def to(self, device: torch.device | str) -> UNetDistillProblem:
+        """Move the teacher (and a latent pipeline's VAE, which decodes the validation grids) to ``device``;
+        the generator, fake score and head are built there. Returns the problem."""
+        self.teacher_net.to(device)
+        vae = getattr(self.pipeline, "vae", None)
+        if vae is not None:
+            vae.to(device)
+        return self
+
     @cached_property
     def feature_dim(self) -> int:
         """Width of the discriminator head's input: the teacher's mid-block activations of one sample."""
-        x = torch.zeros(1, *self.sample_shape)
-        labels = None if self.num_classes == 0 else torch.zeros(1, dtype=torch.long)
+        x = torch.zeros(1, *self.sample_shape, device=self.device)
+        labels = None if self.num_classes == 0 else torch.zeros(1, dtype=torch.long, device=self.device)
+        t = torch.full((1,), float(self.schedule.t_max), device=self.device)
         with torch.no_grad():
-            return self.teacher_features(x, torch.full((1,), float(self.schedule.t_max)), labels).shape[1]
+            return self.teacher_features(x, t, labels).shape[1]
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -119,13 +134,16 @@ class UNetDistillProblem:
 
     def draw_noise(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Generator inputs: pure noise and classes drawn uniformly from 0..num_classes-1 (None: unconditional)."""
-        z = torch.randn(n, *self.sample_shape, generator=g)
-        return z, None if self.num_classes == 0 else torch.randint(0, self.num_classes, (n,), generator=g)
+        z = torch.randn(n, *self.sample_shape, generator=g).to(self.device)
+        if self.num_classes == 0:
+            return z, None
+        return z, torch.randint(0, self.num_classes, (n,), generator=g).to(self.device)
 
     def draw_real(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A batch of real training samples (with replacement) and their labels."""
         idx = torch.randint(0, len(self.images), (n,), generator=g)
-        return self.images[idx], None if self.labels is None else self.labels[idx]
+        labels = None if self.labels is None else self.labels[idx].to(self.device)
+        return self.images[idx].to(self.device), labels
 
     def score(self, module: nn.Module) -> ScoreModel:
         return ScoreModel(module, self.prediction_type, feature_fn=unet_mid_features)
@@ -223,12 +241,13 @@ def save_one_step_pipeline(generator: OneStepGenerator, problem: UNetDistillProb
 @torch.no_grad()
 def student_samples(generator: OneStepGenerator, problem: UNetDistillProblem, per_class: int = 50,
                     seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images in model space, labels): ``per_class`` one-step samples of every class, fixed noise."""
+    """(images in model space, labels), on the CPU: ``per_class`` one-step samples of every class, fixed noise."""
     labels = torch.arange(problem.num_classes).repeat_interleave(per_class)
     z = torch.randn(len(labels), *problem.sample_shape, generator=torch.Generator().manual_seed(seed))
+    device = next(generator.parameters()).device
     was_training = generator.training
     generator.eval()
-    images = torch.cat([generator(zc, lc) for zc, lc in zip(z.split(250), labels.split(250))])
+    images = torch.cat([generator(zc.to(device), lc.to(device)).cpu() for zc, lc in zip(z.split(250), labels.split(250))])
     generator.train(was_training)
     return images, labels
 

@@ -194,7 +194,7 @@ def degradation_step(deg: DegradationState, student: OneStepGenerator, problem: 
     z, labels = problem.draw_noise(n, g)
     with torch.no_grad():
         x0 = student(z, labels)
-    t = sample_timesteps(n, problem.t_bounds(base), g)
+    t = sample_timesteps(n, problem.t_bounds(base), g, x0.device)
     x_t, eps = noised(problem.schedule, x0, t, g)
     score = problem.score(runtime.train_view(deg.score))
     loss, _ = dsm_loss(score, problem.schedule, x0, x_t, eps, t, class_labels=labels)

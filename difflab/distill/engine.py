@@ -57,18 +57,28 @@ def global_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum of ``x`` over all processes; ``x`` itself in a single plain process.
 
     Under ``accelerate launch`` this is accelerate's ``reduce``; when only ``torch.distributed`` was
-    initialized (accelerate's state reports a single process) it is a plain ``all_reduce``.
+    initialized (accelerate's state reports a single process) it is a plain ``all_reduce``. The sum is
+    taken on the device the process group's backend needs (NCCL: the process's GPU) and returned on
+    ``x``'s device, so callers may reduce CPU statistics on GPU runs.
     """
     if not _distributed():
         return x
     from accelerate import PartialState
     from accelerate.utils import reduce
 
+    device = _reduction_device()
     if PartialState().num_processes > 1:
-        return reduce(x, reduction="sum")
-    out = x.clone()
+        return reduce(x.to(device), reduction="sum").to(x.device)
+    out = x.to(device, copy=True)
     torch.distributed.all_reduce(out)
-    return out
+    return out.to(x.device)
+
+
+def _reduction_device() -> torch.device:
+    """Where the process group reduces: this process's GPU for NCCL, the CPU otherwise (gloo)."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def global_mean(x: torch.Tensor) -> torch.Tensor:

@@ -159,17 +159,22 @@ class LowDimProblem:
     def feature_dim(self) -> int:
         return self.teacher_net.feature_dim
 
+    @property
+    def device(self) -> torch.device:
+        """Where the networks live and every batch goes (the teacher network's device)."""
+        return next(self.teacher_net.parameters()).device
+
     def t_bounds(self, config: FDistillConfig) -> tuple[float, float]:
         """The timestep interval of ``config.t_range`` on this schedule."""
         return config.t_range[0] * self.schedule.t_max, config.t_range[1] * self.schedule.t_max
 
     def draw_noise(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Generator inputs: (z, class labels or None)."""
-        return torch.randn(n, self.mixture.dim, generator=g), None
+        return torch.randn(n, self.mixture.dim, generator=g).to(self.device), None
 
     def draw_real(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Real data for the discriminator: (x, class labels or None)."""
-        return self.mixture.sample(n, generator=g).float(), None
+        return self.mixture.sample(n, generator=g).float().to(self.device), None
 
     def score(self, module: nn.Module) -> ScoreModel:
         """A trained denoiser (the fake score) as the engine sees it."""
@@ -196,8 +201,8 @@ def build_state(config: FDistillConfig, problem: LowDimProblem) -> FDistillState
     fake = copy.deepcopy(teacher_net).train().requires_grad_(True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        head = DiscriminatorHead(problem.feature_dim, config.head_hidden)
-    normalizer = RatioNormalizer((0.0, problem.schedule.t_max), config.num_bins, config.ratio_ema)
+        head = DiscriminatorHead(problem.feature_dim, config.head_hidden).to(problem.device)
+    normalizer = RatioNormalizer((0.0, problem.schedule.t_max), config.num_bins, config.ratio_ema).to(problem.device)
     kw = dict(betas=config.adam_betas, weight_decay=config.weight_decay)
     generator.requires_grad_(True)
     return FDistillState(
@@ -223,12 +228,12 @@ def critic_step(state: FDistillState, problem: LowDimProblem, config: FDistillCo
     z, labels = problem.draw_noise(n, g)
     with torch.no_grad():
         x0 = state.generator(z, labels)
-    t = sample_timesteps(n, problem.t_bounds(config), g)
+    t = sample_timesteps(n, problem.t_bounds(config), g, x0.device)
     x_t, eps = noised(sched, x0, t, g)
     fake = problem.score(state.fake)
     dsm, feats_fake = dsm_loss(fake, sched, x0, x_t, eps, t, with_features=on_fake, class_labels=labels)
     x_real, labels_real = problem.draw_real(n, g)
-    t_real = sample_timesteps(n, problem.t_bounds(config), g)  # independent t' (gan_use_same_t_noise=False)
+    t_real = sample_timesteps(n, problem.t_bounds(config), g, x0.device)  # independent t' (gan_use_same_t_noise=False)
     x_t_real, _ = noised(sched, x_real, t_real, g)
     feats_real = fake(x_t_real, t_real, True, labels_real)[1] if on_fake else None
     logits_fake = state.head(_features(problem, config, x_t, t, labels, feats_fake))
@@ -248,7 +253,7 @@ def generator_step(state: FDistillState, problem: LowDimProblem, config: FDistil
     with frozen(state.fake, state.head, problem.teacher_net):
         z, labels = problem.draw_noise(n, g)
         x0 = state.generator(z, labels)
-        t = sample_timesteps(n, problem.t_bounds(config), g)
+        t = sample_timesteps(n, problem.t_bounds(config), g, x0.device)
         x_t, _ = noised(sched, x0, t, g)
         with torch.no_grad():
             x0_teacher, _ = problem.teacher.x0(sched, x_t.detach(), t, class_labels=labels)

@@ -157,10 +157,12 @@ def encode_images(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decode_latents(vae: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] of samples in the UNet's space (the samples themselves without a VAE)."""
+    """Images in [-1, 1] of samples in the UNet's space (the samples themselves without a VAE), on ``x``'s device;
+    the VAE decodes on its own device."""
     if vae is None:
         return x
-    return torch.cat([vae.decode(b / vae.config.scaling_factor).sample for b in x.split(ENCODE_BATCH)])
+    batches = (b.to(vae.device) / vae.config.scaling_factor for b in x.split(ENCODE_BATCH))
+    return torch.cat([vae.decode(b).sample.to(x.device) for b in batches])
 
 
 @torch.no_grad()
@@ -264,16 +266,17 @@ def pipeline_distill_problem(pipeline: Any, train_data_dir: str | Path | None, g
 def pipeline_student_images(generator: nn.Module, problem: UNetDistillProblem, per_prompt: int = 8,
                             max_prompts: int = 8, seed: int = 1234) -> tuple[torch.Tensor, list[str] | None]:
     """(decoded images in [-1, 1], row labels): ``per_prompt`` one-step samples of each of the first
-    ``max_prompts`` prompts (text pipelines) or one row of ``per_prompt`` samples, fixed noise."""
+    ``max_prompts`` prompts (text pipelines) or one row of ``per_prompt`` samples, fixed noise; images on the CPU."""
+    device = next(generator.parameters()).device
     rows = 1 if problem.num_classes == 0 else min(problem.num_classes, max_prompts)
-    labels = None if problem.num_classes == 0 else torch.arange(rows).repeat_interleave(per_prompt)
+    labels = None if problem.num_classes == 0 else torch.arange(rows, device=device).repeat_interleave(per_prompt)
     z = torch.randn(rows * per_prompt, *problem.sample_shape, generator=torch.Generator().manual_seed(seed))
     was_training = generator.training
     generator.eval()
-    x0 = generator(z, labels)
+    x0 = generator(z.to(device), labels)
     generator.train(was_training)
     names = None if problem.prompts is None else problem.prompts[:rows]
-    return decode_latents(getattr(problem.pipeline, "vae", None), x0), names
+    return decode_latents(getattr(problem.pipeline, "vae", None), x0).cpu(), names
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, cols: int, min_size: int = 64) -> Path:

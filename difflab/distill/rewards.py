@@ -48,7 +48,7 @@ class DigitsClassReward:
         if tuple(samples.shape[1:]) != (1, 16, 16):
             raise ValueError(f"class:{self.target_class} scores 16x16 digits (B, 1, 16, 16), got images of shape "
                              f"{tuple(samples.shape[1:])}; use another reward (e.g. ink, or your own callable).")
-        logits = self._net()(samples.float().clamp(-1, 1))
+        logits = self._net().to(samples.device)(samples.float().clamp(-1, 1))
         return logits.softmax(-1)[:, self.target_class]
 
     def __repr__(self) -> str:

@@ -28,7 +28,7 @@ def denoise(net: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tens
     t = t.to(x.device).expand(x.shape[0]) if t.ndim == 0 else t.to(x.device)
     if labels is None:
         return net(x, t).sample
-    return net(x, t, class_labels=labels).sample
+    return net(x, t, class_labels=labels.to(x.device)).sample
 
 
 def _check_finite(out: torch.Tensor, step: int, t: torch.Tensor) -> None:
@@ -134,7 +134,8 @@ def sde_rollout(net: nn.Module, schedule: NoiseSchedule, prediction_type: str, t
         mean = step_mean(schedule, out, x, level, level_next, c, prediction_type)
         x = mean + c * torch.randn(shape, generator=generator).to(device)
         states.append(x)
-        log_probs.append(step_log_prob(x, mean, c) if c > 0 else torch.zeros(shape[0], dtype=torch.float64))
+        log_probs.append(step_log_prob(x, mean, c) if c > 0 else torch.zeros(shape[0], dtype=torch.float64,
+                                                                              device=device))
         stds.append(c)
     return Trajectory(torch.stack(states), torch.stack(log_probs), timesteps.float(),
                       torch.tensor(stds, dtype=torch.float64))

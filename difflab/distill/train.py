@@ -27,7 +27,9 @@ Conventions of the diffusers ``examples/`` trainers: ``--output_dir``, ``--max_t
 ``--checkpointing_steps``, ``--resume_from_checkpoint latest``, ``--seed``, ``--mixed_precision``;
 an ``Accelerator`` whose ``prepare`` wraps the trained networks (gradients all-reduced across
 processes), the f-distill normalizations all-reduced by :func:`~difflab.distill.engine.global_sum`.
-Every process runs on the CPU (the networks are small). Checkpoints are written by the main process
+UNet teachers (digits and pipelines) train on the process's GPU when CUDA is available, else on the CPU;
+random draws always come from seeded CPU generators, so a run repeats itself on either. The 2-D mixture's
+networks are tiny and stay on the CPU. Checkpoints are written by the main process
 as ``output_dir/checkpoint-{step}/state.pt`` (the newest ``--checkpoints_total_limit`` are kept); a
 run resumed from one ends at the weights of an uninterrupted run. The result of a mixture run:
 ``generator.safetensors`` (EMA weights), ``generator_config.json`` (rebuild with
@@ -47,7 +49,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..distributed import end_training
+from ..distributed import cpu_without_cuda, end_training
 
 METHODS = ("f-distill", "disback")
 MIXTURES = ("ring8", "random")
@@ -404,7 +406,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     resume = resolve_checkpoint(output_dir, args.resume_from_checkpoint)  # clear error before any work
     if args.model is None:
         require_matplotlib()  # the mixture run ends with a scatter plot: fail now, not after training
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=True)
+    # UNet teachers train on the GPU when there is one; the 2-D mixture's tiny MLPs stay on the CPU
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.model is None or cpu_without_cuda())
     runtime = Runtime.from_accelerator(accelerator)
     progress = not args.no_progress
     if runtime.is_main:
@@ -414,6 +417,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     elif args.resume_from_checkpoint is not None:
         accelerator.print(f"No checkpoint found in {output_dir}; starting a new run.")
     problem, mixture = build_problem(args, progress and runtime.is_main)
+    if mixture is None:
+        problem.to(accelerator.device)
     generator_timestep = set_generator_timestep(config, args, problem)
     if mixture is None and not problem.is_digits:
         from .pipelines import check_one_step_timestep

@@ -47,12 +47,13 @@ def _classifier():
 
 @torch.no_grad()
 def classifier_outputs(images: torch.Tensor, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, 64) float64, predicted classes (N,)) of images (N, 1, 16, 16) in [-1, 1]."""
+    """(features (N, 64) float64, predicted classes (N,)) of images (N, 1, 16, 16) in [-1, 1], on any device
+    (the classifier runs on the CPU)."""
     if images.ndim != 4 or images.shape[1:] != (1, 16, 16):
         raise ValueError(f"digits images must have shape (N, 1, 16, 16) in [-1, 1], got {tuple(images.shape)}.")
     clf = _classifier()
     feats, preds = [], []
-    for chunk in images.float().clamp(-1, 1).split(batch_size):
+    for chunk in images.detach().float().cpu().clamp(-1, 1).split(batch_size):
         feats.append(clf.features(chunk).double())
         preds.append(clf(chunk).argmax(-1))
     return torch.cat(feats).numpy(), torch.cat(preds).numpy()
@@ -82,6 +83,8 @@ def evaluate_digits(images: torch.Tensor, labels: torch.Tensor | np.ndarray | No
     """Score generated digits (N, 1, 16, 16) in [-1, 1]: accuracy against ``labels`` and FD-digits."""
     feats, preds = classifier_outputs(images)
     held, _ = _real_features()
+    if isinstance(labels, torch.Tensor):
+        labels = labels.cpu()
     accuracy = None if labels is None else float((preds == np.asarray(labels)).mean())
     return DigitsScore(len(images), accuracy, frechet_distance_of_features(feats, held), noise_floor(len(images)))
 
