@@ -208,10 +208,10 @@ def save_result(output_dir: Path, args: argparse.Namespace, state, problem) -> N
     policy.safetensors + policy_config.json (mixture)."""
     net = merged_policy(state, problem).eval()
     if problem.pipeline is not None:
-        from .digits import _inner
+        from .nets import inner_module
         from .pipelines import with_components
 
-        with_components(problem.pipeline, unet=_inner(net)).save_pretrained(output_dir)
+        with_components(problem.pipeline, unet=inner_module(net)).save_pretrained(output_dir)
         return
     if args.model == "mixture":
         from safetensors.torch import save_file

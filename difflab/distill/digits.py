@@ -33,23 +33,16 @@ from torch import nn
 from ..schedule import NoiseSchedule
 from .engine import ScoreModel
 from .lowdim import FDistillConfig
-from .nets import OneStepGenerator
+from .nets import OneStepGenerator, inner_module
 
 SAMPLING_FILE = "difflab_sampling.json"  # recommended call settings of a saved pipeline (read by `difflab sample`)
-
-
-def _inner(module: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel / GuidedDenoiser wrapper (itself otherwise)."""
-    while hasattr(module, "module") and isinstance(module.module, nn.Module):
-        module = module.module
-    return module
 
 
 def unet_mid_features(module: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
                       **cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(UNet output, flattened mid-block activations) of one call: the discriminator head's input."""
     captured: dict[str, torch.Tensor] = {}
-    handle = _inner(module).mid_block.register_forward_hook(lambda _m, _i, out: captured.__setitem__("h", out))
+    handle = inner_module(module).mid_block.register_forward_hook(lambda _m, _i, out: captured.__setitem__("h", out))
     try:
         out = module(x_t, t, **cond).sample
     finally:
@@ -97,6 +90,7 @@ class UNetDistillProblem:
     num_classes: int = 10
     pipeline: Any = None
     prompts: list[str] | None = None
+    initial_generator: dict | None = None  # the UNet state dict of a student to start from (--init_generator)
 
     @property
     def is_digits(self) -> bool:
@@ -218,7 +212,7 @@ def one_step_pipeline(generator: OneStepGenerator, problem: UNetDistillProblem):
     ``generator(z, labels)`` with ``num_inference_steps=1, guidance_scale=1`` (a DigitsPipeline for digits)."""
     from ..models.digits import DigitsPipeline
 
-    unet, scheduler = _inner(generator.denoiser), one_step_scheduler(problem, generator.timestep)
+    unet, scheduler = inner_module(generator.denoiser), one_step_scheduler(problem, generator.timestep)
     if problem.is_digits:
         return DigitsPipeline(unet=unet, scheduler=scheduler)
     from .pipelines import with_components

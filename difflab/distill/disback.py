@@ -47,7 +47,7 @@ from .lowdim import (
     LowDimProblem,
     build_state,
     exact_teacher,
-    generator_timestep,
+    new_generator,
     resolve_checkpoint,
 )
 from .nets import MLPDenoiser, OneStepGenerator
@@ -129,8 +129,8 @@ def strict_load(module: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     if missing or unexpected or shapes:
         raise ValueError(f"{source} does not match {type(module).__name__}: missing keys {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-                         f"{'...' if len(unexpected) > 5 else ''}, shape mismatches {shapes[:5]}. DisBack nodes "
-                         "must be the fine-tuned score network's own state dict (no prefixes).")
+                         f"{'...' if len(unexpected) > 5 else ''}, shape mismatches {shapes[:5]}; it must be the "
+                         "state dict of the same network (same configuration, no key prefixes).")
     result = module.load_state_dict(state_dict, strict=True)
     assert not result.missing_keys and not result.unexpected_keys  # checked above; strict=True raises anyway
 
@@ -177,12 +177,9 @@ class DegradationState:
 
 
 def initial_student(problem: LowDimProblem, config: FDistillConfig | None = None) -> OneStepGenerator:
-    """G^0, the frozen initial student: the teacher network at the generator timestep on pure noise
-    (the same initialization as :func:`difflab.distill.lowdim.build_state`)."""
-    student = OneStepGenerator(copy.deepcopy(problem.teacher_net), problem.schedule,
-                               generator_timestep(config or FDistillConfig(), problem),
-                               prediction_type=problem.prediction_type)
-    return student.eval().requires_grad_(False)
+    """G^0, the frozen initial student: the generator stage 2 starts from (:func:`difflab.distill.lowdim.
+    new_generator`: the teacher network at the generator timestep on pure noise, or a given student)."""
+    return new_generator(config or FDistillConfig(), problem).eval().requires_grad_(False)
 
 
 def degradation_step(deg: DegradationState, student: OneStepGenerator, problem: LowDimProblem,

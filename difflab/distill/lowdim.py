@@ -41,7 +41,7 @@ from .engine import (
     step_generator,
 )
 from .fdistill import RatioNormalizer, canonical_divergence, fdistill_weights, generator_loss
-from .nets import DiscriminatorHead, MLPDenoiser, OneStepGenerator, default_generator_timestep
+from .nets import DiscriminatorHead, MLPDenoiser, OneStepGenerator, default_generator_timestep, inner_module
 
 HEAD_FEATURES = ("fake", "teacher")
 
@@ -150,6 +150,7 @@ class LowDimProblem:
     schedule: NoiseSchedule
     teacher: ScoreModel
     teacher_net: MLPDenoiser
+    initial_generator: dict | None = None  # state dict of a student to start from (see new_generator)
 
     @property
     def prediction_type(self) -> str:
@@ -192,13 +193,24 @@ def generator_timestep(config: FDistillConfig, problem: LowDimProblem) -> float:
     return default_generator_timestep(problem.schedule, problem.prediction_type)
 
 
+def new_generator(config: FDistillConfig, problem: LowDimProblem) -> OneStepGenerator:
+    """A run's starting generator: a copy of the teacher network seeing pure noise at the generator timestep
+    (the DMD2 / f-distill initialization), with the weights of ``problem.initial_generator`` when it holds
+    some (a student to refine: the state dict of the network inside the generator, strictly loaded)."""
+    generator = OneStepGenerator(copy.deepcopy(problem.teacher_net), problem.schedule,
+                                 generator_timestep(config, problem), prediction_type=problem.prediction_type)
+    if problem.initial_generator is not None:
+        from .disback import strict_load
+
+        strict_load(inner_module(generator.denoiser), problem.initial_generator, "the initial generator")
+    return generator
+
+
 def build_state(config: FDistillConfig, problem: LowDimProblem) -> FDistillState:
-    """Generator and fake score copied from the problem's teacher network; a seeded fresh head;
-    optimizers; EMA (the DMD2 / f-distill initialization)."""
-    teacher_net = problem.teacher_net
-    generator = OneStepGenerator(copy.deepcopy(teacher_net), problem.schedule, generator_timestep(config, problem),
-                                 prediction_type=problem.prediction_type).train()
-    fake = copy.deepcopy(teacher_net).train().requires_grad_(True)
+    """Generator from :func:`new_generator`, fake score copied from the problem's teacher network; a seeded
+    fresh head; optimizers; EMA (the DMD2 / f-distill initialization)."""
+    generator = new_generator(config, problem).train()
+    fake = copy.deepcopy(problem.teacher_net).train().requires_grad_(True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         head = DiscriminatorHead(problem.feature_dim, config.head_hidden).to(problem.device)

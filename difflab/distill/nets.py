@@ -93,6 +93,13 @@ class DiscriminatorHead(nn.Module):
         return self.net(features).squeeze(-1)
 
 
+def inner_module(module: nn.Module) -> nn.Module:
+    """The network inside DistributedDataParallel / guidance / prompt-table wrappers (``.module``), or itself."""
+    while hasattr(module, "module") and isinstance(module.module, nn.Module):
+        module = module.module
+    return module
+
+
 class OneStepGenerator(nn.Module):
     """One-step generator initialized from a teacher: G(z) = x0-prediction of the denoiser at (z, t_gen).
 

@@ -87,6 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
         help="Diffusers timestep at which the generator's UNet sees pure noise: a number, 'max', or 'auto' (the "
              "largest one, except for eps models whose alpha there is below 0.05: the largest timestep with "
              "alpha >= 0.15; digits-ddpm: 610).")
+    add("--init_generator", default=None, metavar="DIR",
+        help="Start the generator from this one-step pipeline (a difflab distill result of the same teacher) "
+             "instead of a teacher copy: refine a student, or go on with another method or divergence. Its "
+             "timestep is the generator timestep; DisBack records its degradation path toward it.")
     add("--max_train_steps", type=int, default=None,
         help="Distillation iterations (critic and generator updates together; DisBack: stage 2). Default 3000 "
              "(mixture) / 6000 (--model).")
@@ -116,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add("--resume_from_checkpoint", default=None,
         help="A checkpoint-N directory, or 'latest' for the newest one in --output_dir.")
     add("--mixed_precision", choices=("no",), default="no",
-        help="Only 'no': the low-dimensional trainer runs in float32 on the CPU.")
+        help="Only 'no': the trainer runs in float32.")
     add("--stop_after_steps", type=int, default=None,
         help="Stop after this global step without writing the result, as if killed (resume later).")
     add("--mixture", choices=MIXTURES, default="ring8", help="ring8: 2-D ring of 8 unequal modes; random: see --dim.")
@@ -191,6 +195,8 @@ def build_config(args: argparse.Namespace):
         raise ValueError("--guidance_scale applies to a --model teacher; the mixture teacher is the exact score.")
     if args.model is None and args.train_data_dir is not None:
         raise ValueError("--train_data_dir applies to a --model teacher; the mixture's real data are exact samples.")
+    if args.model is None and args.init_generator is not None:
+        raise ValueError("--init_generator applies to a --model teacher (a one-step pipeline directory).")
     parse_generator_timestep(args.generator_timestep)
     base = FDistillConfig(
         divergence=args.divergence, max_train_steps=args.max_train_steps, batch_size=args.train_batch_size,
@@ -224,6 +230,49 @@ def set_generator_timestep(config, args: argparse.Namespace, problem) -> float:
     if resolved > t_max:
         raise ValueError(f"--generator_timestep {resolved} is beyond the teacher's largest timestep {t_max}.")
     return resolved
+
+
+def set_initial_generator(problem, args: argparse.Namespace) -> None:
+    """Put the UNet weights of the one-step pipeline ``--init_generator`` into ``problem.initial_generator``
+    and make its timestep the generator timestep (an explicit, different ``--generator_timestep``: ValueError)."""
+    path = Path(args.init_generator).expanduser()
+    unet, timestep = load_one_step_student(path, problem)
+    requested = parse_generator_timestep(args.generator_timestep)
+    requested = float(problem.schedule.t_max) if requested == "max" else requested
+    if requested != "auto" and float(requested) != timestep:
+        raise ValueError(f"--init_generator {path} makes its step at timestep {timestep:g}, not at --generator_timestep "
+                         f"{args.generator_timestep}; leave --generator_timestep at auto.")
+    args.generator_timestep = str(timestep)
+    problem.initial_generator = {k: v.detach().float().cpu() for k, v in unet.state_dict().items()}
+
+
+def load_one_step_student(path: Path, problem) -> tuple[torch.nn.Module, float]:
+    """(UNet, timestep of its one step) of a one-step pipeline that ``difflab distill`` wrote for the teacher of
+    ``problem``, or a ValueError saying why it is not one."""
+    from ..models import load
+    from ..schedule import NoiseSchedule, canonical_prediction_type
+    from .digits import SAMPLING_FILE
+    from .nets import inner_module
+
+    settings = path / SAMPLING_FILE
+    if not settings.is_file() or json.loads(settings.read_text()).get("num_inference_steps") != 1:
+        raise ValueError(f"--init_generator {path} is not a one-step pipeline written by difflab distill (no "
+                         f"{SAMPLING_FILE} with num_inference_steps 1); pass the output_dir of a finished run.")
+    pipeline = load(str(path))
+    unet, teacher_unet = getattr(pipeline, "unet", None), inner_module(problem.teacher_net)
+    if type(unet) is not type(teacher_unet):
+        raise ValueError(f"--init_generator {path} holds a {type(unet).__name__}, the teacher a "
+                         f"{type(teacher_unet).__name__}; pass a student of this teacher.")
+    student_type = NoiseSchedule.model_prediction_type(dict(pipeline.scheduler.config))
+    if canonical_prediction_type(student_type) != canonical_prediction_type(problem.prediction_type):
+        raise ValueError(f"--init_generator {path} is a student of a {student_type} model, the teacher is a "
+                         f"{problem.prediction_type} model; pass a student of this teacher.")
+    own, theirs = teacher_unet.state_dict(), unet.state_dict()
+    if own.keys() != theirs.keys() or any(own[k].shape != theirs[k].shape for k in own):
+        raise ValueError(f"--init_generator {path}: its UNet's weights do not match the teacher's (another "
+                         "architecture); pass a student of this teacher.")
+    pipeline.scheduler.set_timesteps(1)
+    return unet, float(pipeline.scheduler.timesteps[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,6 +466,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     elif args.resume_from_checkpoint is not None:
         accelerator.print(f"No checkpoint found in {output_dir}; starting a new run.")
     problem, mixture = build_problem(args, progress and runtime.is_main)
+    if args.init_generator is not None:
+        set_initial_generator(problem, args)
     if mixture is None:
         problem.to(accelerator.device)
     generator_timestep = set_generator_timestep(config, args, problem)

@@ -124,6 +124,45 @@ def test_cli_writes_a_one_step_pipeline_and_resumes_exactly(tmp_path):
     assert max((full_w[k] - resumed_w[k]).abs().max().item() for k in full_w) <= 1e-6
 
 
+def test_init_generator_starts_both_methods_from_a_saved_student(tmp_path, capsys):
+    """--init_generator: the generator (f-distill) and DisBack's frozen initial student are the saved one-step
+    pipeline, at its timestep; a directory that is not one, or another timestep, is a message."""
+    import argparse
+
+    from difflab.distill.disback import initial_student
+    from difflab.distill.train import main, set_initial_generator
+
+    student_dir, _ = _train(tmp_path, "student", "--generator_timestep", "500")
+    pipe = load(student_dir)
+    problem = digits_distill_problem("digits-ddpm")
+    args = argparse.Namespace(init_generator=str(student_dir), generator_timestep="auto")
+    set_initial_generator(problem, args)
+    assert args.generator_timestep == "500.0"
+    config = FDistillConfig(generator_timestep=500.0)
+    z, labels = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(4)), torch.tensor([0, 3, 9])
+    saved = pipe(class_labels=labels, num_inference_steps=1, latents=z, output_type="latent").images
+    state = build_state(config, problem)
+    for generator in (state.generator, state.ema.model, initial_student(problem, config)):
+        torch.testing.assert_close(generator(z, labels).detach(), saved, atol=1e-5, rtol=0)
+
+    _, summary = _train(tmp_path, "refined", "--init_generator", str(student_dir))
+    assert summary["finished"] and summary["generator_timestep"] == 500.0
+    from difflab.models.tiny import tiny_ddpm_pipeline
+
+    other = tmp_path / "other"  # a UNet2DModel of another architecture, dressed as a one-step result
+    tiny_ddpm_pipeline().save_pretrained(other)
+    (other / "difflab_sampling.json").write_text('{"num_inference_steps": 1}')
+    base = ["f-distill", "--model", "digits-ddpm", "--output_dir", str(tmp_path / "x"), "--max_train_steps", "1",
+            "--no_progress"]
+    for extra, message in ((["--init_generator", str(tmp_path / "nothing")], "not a one-step pipeline"),
+                           (["--init_generator", str(student_dir), "--generator_timestep", "max"], "leave"),
+                           (["--init_generator", str(student_dir), "--model", "digits-flow"], "flow_prediction"),
+                           (["--init_generator", str(other)], "do not match")):
+        with pytest.raises(SystemExit) as info:
+            main(base + extra)
+        assert info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_cli_rejects_bad_flags(tmp_path, capsys):
     from difflab.distill.train import main
 

@@ -102,6 +102,11 @@ def test_text_student_is_a_one_step_stable_diffusion_pipeline(data, tmp_path, mo
     with torch.no_grad():
         expected = student(z, torch.zeros(2, dtype=torch.long))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if model == "sd":  # DisBack starts from the saved student (--init_generator), at its timestep
+        _distill("disback", data / model, data / "captioned", tmp_path / "refined", "--init_generator", str(tmp_path),
+                 "--num_nodes", "1", "--node_interval", "1", "--backtrack_interval", "1")
+        summary = json.loads((tmp_path / "refined" / "train_summary.json").read_text())
+        assert summary["finished"] and summary["generator_timestep"] == 999.0
 
 
 def test_text_disback_resumes_to_the_same_weights(data, tmp_path):
