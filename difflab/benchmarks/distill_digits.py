@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-nodes", type=int, default=4, help="DisBack: path nodes")
     parser.add_argument("--node-interval", type=int, default=100, help="DisBack: stage-1 DSM steps per node")
     parser.add_argument("--backtrack-interval", type=int, default=150, help="DisBack: iterations per target")
+    parser.add_argument("--init-generator", type=Path, default=None,
+                        help="every run starts from this one-step student (the trainer's --init_generator), e.g. a "
+                             "short f-distill run: DisBack's setting in the paper's SDXL experiment")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--workdir", type=Path, default=Path("bench_runs/distill_digits"))
     parser.add_argument("--reuse", action="store_true", help="keep finished runs found in --workdir")
@@ -74,6 +77,8 @@ def trainer_command(args: argparse.Namespace, name: str) -> list[str]:
     if method == "disback":
         cmd += ["--num_nodes", str(args.num_nodes), "--node_interval", str(args.node_interval),
                 "--degradation_learning_rate", str(args.lr_critic), "--backtrack_interval", str(args.backtrack_interval)]
+    if args.init_generator is not None:
+        cmd += ["--init_generator", str(args.init_generator)]
     return cmd + extra  # later flags win
 
 
@@ -139,6 +144,30 @@ def teacher_score(seeds: list[int]) -> dict:
     return {**mean, "per_seed": [s["fd_digits"] for s in scores]}
 
 
+def start_note(args: argparse.Namespace, curves: dict[str, list]) -> list[str]:
+    """The page's line on where the runs start when they refine a student (``--init-generator``)."""
+    if args.init_generator is None:
+        return []
+    first = next(iter(curves.values()))[0]
+    made = ""
+    summary = Path(args.init_generator) / "train_summary.json"
+    if summary.is_file():  # a difflab distill result says how it was trained
+        a = json.loads(summary.read_text())["args"]
+        made = (f" It was trained by `difflab distill {a['method']}` ({a['divergence']}, {a['max_train_steps']} "
+                f"iterations = {a['max_train_steps'] // (a['critic_updates'] + 1)} generator steps, batch "
+                f"{a['train_batch_size']}, lr {a['learning_rate']:g} / {a['critic_learning_rate']:g}, seed {a['seed']}).")
+    return [f"Start: every run begins at the one-step student `{args.init_generator}` (`--init_generator`; FD-digits "
+            f"{first[1]:.1f} at generator step 0) instead of a teacher copy, with a fresh fake score (a teacher copy; "
+            f"DisBack: its path's student end) and discriminator head; generator steps count from there.{made}\n"]
+
+
+def own_first(points: list[tuple[int, float, float]], level: float, last: int) -> str:
+    """", which it first reached at N steps" when a curve was at its final level before its last step: on a
+    plateau the "reaches the baseline's final level" ratio then says little about speed."""
+    steps = first_reaching(points, level)
+    return "" if steps is None or steps >= last else f", a level it had first reached at {steps} steps"
+
+
 def curves_png(curves: dict[str, list], teacher_fd: float, png: Path) -> None:
     import matplotlib
 
@@ -191,14 +220,14 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
             f"AdamW lr {args.lr_generator:g} (generator) / {args.lr_critic:g} (fake score, head), GAN weight "
             f"{args.gan_weight:g}, seed {args.seed}. DisBack: {args.num_nodes} nodes of {args.node_interval} DSM "
             f"steps (lr {args.lr_critic:g}), then {args.backtrack_interval} iterations per target.\n",
-            *lines, "", "FD-digits of the EMA generator at each validation (generator steps: FD / accuracy):\n"]
+            *start_note(args, curves), *lines, "", "FD-digits of the EMA generator at each validation (generator steps: FD / accuracy):\n"]
     for name, points in curves.items():
         body.append(f"- {name}: " + ", ".join(f"{st}: {fd:.1f} / {acc:.2f}" for st, fd, acc in points))
     if "js" in summaries:
         target, base_steps = summaries["js"]["fd_digits"], curves["js"][-1][0]
         body.append(f"\nDisBack against its baseline (f-distill js): the baseline's final FD-digits {target:.1f} after "
-                    f"{base_steps} generator steps. Generator steps until DisBack's EMA generator first reaches it "
-                    "(stage-2 steps; stage 1 trains no generator):\n")
+                    f"{base_steps} generator steps{own_first(curves['js'], target, base_steps)}. Generator steps until "
+                    "DisBack's EMA generator first reaches it (stage-2 steps; stage 1 trains no generator):\n")
         for name in (n for n in summaries if RUNS[n][0] == "disback"):
             steps = first_reaching(curves[name], target)
             ratio = "never within the run" if steps is None else f"{steps} steps, {steps / base_steps:.2f}x the baseline's"
@@ -209,7 +238,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
         smooth_base = running_mean(curves["js"])
         smooth_target = smooth_base[-1][1]
         body.append(f"\nThe same comparison on the running mean of {SMOOTHING} consecutive validations (the baseline's "
-                    f"level: the mean of its last {SMOOTHING}, {smooth_target:.1f}; DisBack reaches it when the mean of "
+                    f"level: the mean of its last {SMOOTHING}, {smooth_target:.1f}"
+                    f"{own_first(smooth_base, smooth_target, base_steps)}; DisBack reaches it when the mean of "
                     f"{SMOOTHING} consecutive validations first drops to it, counted at the last of them):\n")
         for name in (n for n in summaries if RUNS[n][0] == "disback"):
             steps = first_reaching(running_mean(curves[name]), smooth_target)

@@ -188,12 +188,30 @@ def test_disback_degrades_toward_the_generator_it_will_train(ddpm):
 
 def test_bench_comparison_rules_on_a_flat_noisy_curve():
     """One lucky dip decides "first reaching"; the running mean does not let it."""
-    from difflab.benchmarks.distill_digits import first_reaching, running_mean
+    from difflab.benchmarks.distill_digits import first_reaching, own_first, running_mean
 
     curve = [(0, 100.0, 1.0), (50, 60.0, 1.0), (100, 50.0, 1.0), (150, 56.0, 1.0), (200, 54.0, 1.0), (250, 52.0, 1.0)]
     assert first_reaching(curve, 52.0) == 100
+    assert own_first(curve, 52.0, 250) == ", a level it had first reached at 100 steps"  # the page says so
+    assert own_first(curve, 49.0, 250) == own_first(curve, 52.0, 100) == ""
     smooth = running_mean(curve)
     assert [steps for steps, _, _ in smooth] == [100, 150, 200, 250]
     assert [fd for _, fd, _ in smooth] == pytest.approx([70.0, 166 / 3, 160 / 3, 54.0])
     assert first_reaching(smooth, 52.0) is None
     assert first_reaching(smooth, 54.0) == 200
+
+
+def test_bench_starts_every_run_from_the_given_student():
+    import argparse
+
+    from difflab.benchmarks.distill_digits import add_arguments, start_note, trainer_command
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--init-generator", "runs/student", "--runs", "js", "disback-js"])
+    for name in args.runs:
+        cmd = trainer_command(args, name)
+        assert cmd[cmd.index("--init_generator") + 1] == "runs/student"
+    assert "FD-digits 80.7 at generator step 0" in start_note(args, {"js": [(0, 80.7, 0.99), (50, 70.0, 0.99)]})[0]
+    assert start_note(parser.parse_args([]), {}) == [] and "--init_generator" not in trainer_command(
+        parser.parse_args([]), "js")
