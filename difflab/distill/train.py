@@ -265,8 +265,8 @@ def load_one_step_student(path: Path, problem) -> tuple[torch.nn.Module, float]:
                          f"{type(teacher_unet).__name__}; pass a student of this teacher.")
     student_type = NoiseSchedule.model_prediction_type(dict(pipeline.scheduler.config))
     if canonical_prediction_type(student_type) != canonical_prediction_type(problem.prediction_type):
-        raise ValueError(f"--init_generator {path} is a student of a {student_type} model, the teacher is a "
-                         f"{problem.prediction_type} model; pass a student of this teacher.")
+        raise ValueError(f"--init_generator {path} predicts {student_type!r}, the teacher {problem.prediction_type!r}; "
+                         "pass a student of this teacher.")
     own, theirs = teacher_unet.state_dict(), unet.state_dict()
     if own.keys() != theirs.keys() or any(own[k].shape != theirs[k].shape for k in own):
         raise ValueError(f"--init_generator {path}: its UNet's weights do not match the teacher's (another "
