@@ -55,6 +55,7 @@ METHODS = ("f-distill", "disback")
 MIXTURES = ("ring8", "random")
 SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 DEFAULT_DIVERGENCE = {"f-distill": "js", "disback": "rkl"}
+SETTINGS_FILE = "run_settings.json"  # the settings a run started with; a resume with others gets a warning
 # Defaults that differ between the two kinds of problem (flags left at None take these).
 PROBLEM_DEFAULTS = {
     "mixture": dict(max_train_steps=3000, train_batch_size=512, learning_rate=3e-5, critic_learning_rate=1e-3,
@@ -230,6 +231,35 @@ def set_generator_timestep(config, args: argparse.Namespace, problem) -> float:
     if resolved > t_max:
         raise ValueError(f"--generator_timestep {resolved} is beyond the teacher's largest timestep {t_max}.")
     return resolved
+
+
+def run_settings(args: argparse.Namespace, config) -> dict[str, Any]:
+    """What decides a run's trajectory (written to ``output_dir/run_settings.json`` when it starts): the
+    method, teacher, starting student, data and every hyper-parameter but the length and checkpointing."""
+    hyper = config.to_dict() if hasattr(config, "to_dict") else asdict(config)
+    base = hyper.get("base", hyper)
+    for key in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit"):
+        base.pop(key, None)
+    run = {k: getattr(args, k, None) for k in ("method", "model", "init_generator", "train_data_dir", "guidance_scale",
+                                             "mixture", "dim", "num_modes", "teacher_steps")}
+    return json.loads(json.dumps({**run, "generator_timestep": args.generator_timestep, **hyper}))
+
+
+def changed_settings(output_dir: Path, settings: dict[str, Any]) -> str:
+    """``'name: old -> new, ...'`` for the settings that differ from those the run in ``output_dir`` started
+    with ('' when they agree, or for a run older than the record)."""
+    path = output_dir / SETTINGS_FILE
+    if not path.is_file():
+        return ""
+    saved = json.loads(path.read_text())
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
+
+    old, new = flat(saved), flat(settings)
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+                     if old.get(k) != new.get(k))
 
 
 def set_initial_generator(problem, args: argparse.Namespace) -> None:
@@ -463,8 +493,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
     if resume is not None:
         accelerator.print(f"Resuming from {resume}")
+        changed = changed_settings(output_dir, run_settings(args, config))
+        if changed:
+            accelerator.print(f"Warning: {output_dir} was started with other settings ({changed}); the resumed run "
+                              "will not repeat an uninterrupted one. Pass the original flags to continue it exactly.")
     elif args.resume_from_checkpoint is not None:
         accelerator.print(f"No checkpoint found in {output_dir}; starting a new run.")
+    if resume is None and runtime.is_main:
+        (output_dir / SETTINGS_FILE).write_text(json.dumps(run_settings(args, config), indent=1) + "\n")
     problem, mixture = build_problem(args, progress and runtime.is_main)
     if args.init_generator is not None:
         set_initial_generator(problem, args)

@@ -44,6 +44,18 @@ def test_cli_runs_and_resumes_from_latest(tmp_path, method):
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+def test_resuming_with_other_settings_is_warned(tmp_path, capsys):
+    out = tmp_path / "c"
+    _cli("f-distill", out, "--stop_after_steps", "3")
+    assert json.loads((out / "run_settings.json").read_text())["divergence"] == "kl"
+    _cli("f-distill", out, "--resume_from_checkpoint", "latest", "--stop_after_steps", "4", "--max_train_steps", "8")
+    assert "Warning" not in capsys.readouterr().out  # a longer run is the same run
+    _cli("f-distill", out, "--resume_from_checkpoint", "latest", "--divergence", "js")
+    printed = capsys.readouterr().out
+    assert "Warning" in printed and "divergence: 'kl' -> 'js'" in printed
+    assert json.loads((out / "run_settings.json").read_text())["divergence"] == "kl"  # the record of the start
+
+
 def test_cli_errors_are_messages(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         _cli("f-distill", tmp_path / "x", "--divergence", "tv")
