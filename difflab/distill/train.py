@@ -282,6 +282,7 @@ def load_one_step_student(path: Path, problem) -> tuple[torch.nn.Module, float]:
     from ..models import load
     from ..schedule import NoiseSchedule, canonical_prediction_type
     from .digits import SAMPLING_FILE
+    from .disback import state_dict_mismatch
     from .nets import inner_module
 
     settings = path / SAMPLING_FILE
@@ -297,10 +298,10 @@ def load_one_step_student(path: Path, problem) -> tuple[torch.nn.Module, float]:
     if canonical_prediction_type(student_type) != canonical_prediction_type(problem.prediction_type):
         raise ValueError(f"--init_generator {path} predicts {student_type!r}, the teacher {problem.prediction_type!r}; "
                          "pass a student of this teacher.")
-    own, theirs = teacher_unet.state_dict(), unet.state_dict()
-    if own.keys() != theirs.keys() or any(own[k].shape != theirs[k].shape for k in own):
-        raise ValueError(f"--init_generator {path}: its UNet's weights do not match the teacher's (another "
-                         "architecture); pass a student of this teacher.")
+    mismatch = state_dict_mismatch(teacher_unet.state_dict(), unet.state_dict())
+    if mismatch:
+        raise ValueError(f"--init_generator {path}: its UNet's weights do not match the teacher's ({mismatch}: "
+                         "another architecture); pass a student of this teacher.")
     pipeline.scheduler.set_timesteps(1)
     return unet, float(pipeline.scheduler.timesteps[0])
 
@@ -491,16 +492,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     progress = not args.no_progress
     if runtime.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
+    settings = run_settings(args, config)
     if resume is not None:
         accelerator.print(f"Resuming from {resume}")
-        changed = changed_settings(output_dir, run_settings(args, config))
+        changed = changed_settings(output_dir, settings)
         if changed:
             accelerator.print(f"Warning: {output_dir} was started with other settings ({changed}); the resumed run "
                               "will not repeat an uninterrupted one. Pass the original flags to continue it exactly.")
     elif args.resume_from_checkpoint is not None:
         accelerator.print(f"No checkpoint found in {output_dir}; starting a new run.")
     if resume is None and runtime.is_main:
-        (output_dir / SETTINGS_FILE).write_text(json.dumps(run_settings(args, config), indent=1) + "\n")
+        (output_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
     problem, mixture = build_problem(args, progress and runtime.is_main)
     if args.init_generator is not None:
         set_initial_generator(problem, args)
