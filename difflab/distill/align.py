@@ -22,7 +22,8 @@ gradients are all-reduced by the DDP wrapper of ``accelerator.prepare``. Every `
 the main process logs the reward of fixed-noise ODE samples (and, for digits, the target-class share,
 FD-digits to the real target-class digits and a grid ``validation-{step}.png``). The result: a
 DigitsPipeline directory (``difflab sample --model OUT``) or ``policy.safetensors`` +
-``policy_config.json`` for the mixture, and ``train_summary.json`` with the history.
+``policy_config.json`` for the mixture, and ``train_summary.json`` with the history. The settings a run
+started with are in ``run_settings.json``; resuming with other ones prints each change.
 """
 
 from __future__ import annotations
@@ -269,12 +270,21 @@ def validate(state, problem, args: argparse.Namespace, output_dir: Path) -> dict
 # --------------------------------------------------------------------------------------------
 
 
+def run_settings(args: argparse.Namespace, config) -> dict[str, Any]:
+    """What decides an alignment run's trajectory (recorded in ``output_dir/run_settings.json``): the method,
+    model, reward, label, prompts, LoRA rank and every hyper-parameter but the length and checkpointing."""
+    hyper = {k: v for k, v in asdict(config).items() if k not in ("max_train_steps", "checkpointing_steps")}
+    run = {k: getattr(args, k, None) for k in ("method", "model", "reward", "label", "prompts", "lora_rank",
+                                             "teacher_steps")}
+    return json.loads(json.dumps({**run, **hyper}))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train with parsed ``args``; returns a summary dict."""
     from accelerate import Accelerator
 
     from .aligner import align_iteration, build_state
-    from .loop import Runtime, write_checkpoint
+    from .loop import Runtime, record_run_settings, write_checkpoint
     from .lowdim import resolve_checkpoint
 
     config = build_config(args)
@@ -296,6 +306,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         accelerator.print(f"Resuming from {resume} (round {state.step})")
     elif args.resume_from_checkpoint is not None:
         accelerator.print(f"No checkpoint found in {output_dir}; starting a new run.")
+    record_run_settings(output_dir, run_settings(args, config), resume is not None, runtime, accelerator.print)
     runtime.register(state.policy)
     stop = min(config.max_train_steps, args.stop_after_steps or config.max_train_steps)
     bar = tqdm(total=config.max_train_steps, initial=state.step, desc=f"align {args.method}",

@@ -15,11 +15,13 @@ sees different samples and a resumed run repeats an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +30,7 @@ from .engine import step_generator
 from .lowdim import FDistillConfig, FDistillState, LowDimProblem, checkpoint_dirs, critic_step, generator_step
 
 FORWARDED_ATTRIBUTES = ("prediction_type", "supports_features")
+SETTINGS_FILE = "run_settings.json"  # the settings a run started with; a resume with others gets a warning
 
 
 def _identity(module: nn.Module) -> nn.Module:
@@ -125,3 +128,35 @@ def write_checkpoint(output_dir: str | Path, step: int, payload: dict, total_lim
         for old in checkpoint_dirs(output_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def changed_settings(output_dir: Path, settings: dict[str, Any]) -> str:
+    """``'name: old -> new, ...'`` for the settings that differ from those the run in ``output_dir`` started
+    with ('' when they agree, or for a run older than the record)."""
+    path = Path(output_dir) / SETTINGS_FILE
+    if not path.is_file():
+        return ""
+    saved = json.loads(path.read_text())
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
+
+    old, new = flat(saved), flat(settings)
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+                     if old.get(k) != new.get(k))
+
+
+def record_run_settings(output_dir: Path, settings: dict[str, Any], resuming: bool, runtime: Runtime,
+                        say: Callable[[str], None]) -> None:
+    """A new run writes ``settings`` (JSON-able: what decides its trajectory) to ``output_dir/run_settings.json``;
+    a resumed one compares them with that record and warns about each change (a warning, not an error: a
+    changed learning rate on resume can be intended)."""
+    if not resuming:
+        if runtime.is_main:
+            (Path(output_dir) / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
+        return
+    changed = changed_settings(output_dir, settings)
+    if changed:
+        say(f"Warning: {output_dir} was started with other settings ({changed}); the resumed run will not repeat "
+            "an uninterrupted one. Pass the original flags to continue it exactly.")

@@ -55,7 +55,6 @@ METHODS = ("f-distill", "disback")
 MIXTURES = ("ring8", "random")
 SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 DEFAULT_DIVERGENCE = {"f-distill": "js", "disback": "rkl"}
-SETTINGS_FILE = "run_settings.json"  # the settings a run started with; a resume with others gets a warning
 # Defaults that differ between the two kinds of problem (flags left at None take these).
 PROBLEM_DEFAULTS = {
     "mixture": dict(max_train_steps=3000, train_batch_size=512, learning_rate=3e-5, critic_learning_rate=1e-3,
@@ -243,23 +242,6 @@ def run_settings(args: argparse.Namespace, config) -> dict[str, Any]:
     run = {k: getattr(args, k, None) for k in ("method", "model", "init_generator", "train_data_dir", "guidance_scale",
                                              "mixture", "dim", "num_modes", "teacher_steps")}
     return json.loads(json.dumps({**run, "generator_timestep": args.generator_timestep, **hyper}))
-
-
-def changed_settings(output_dir: Path, settings: dict[str, Any]) -> str:
-    """``'name: old -> new, ...'`` for the settings that differ from those the run in ``output_dir`` started
-    with ('' when they agree, or for a run older than the record)."""
-    path = output_dir / SETTINGS_FILE
-    if not path.is_file():
-        return ""
-    saved = json.loads(path.read_text())
-
-    def flat(d: dict, prefix: str = "") -> dict:
-        return {k2: v2 for k, v in d.items()
-                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
-
-    old, new = flat(saved), flat(settings)
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-                     if old.get(k) != new.get(k))
 
 
 def set_initial_generator(problem, args: argparse.Namespace) -> None:
@@ -478,7 +460,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from .disback import train_disback
-    from .loop import Runtime
+    from .loop import Runtime, record_run_settings
     from .lowdim import resolve_checkpoint
 
     config = build_config(args)
@@ -492,17 +474,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     progress = not args.no_progress
     if runtime.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-    settings = run_settings(args, config)
     if resume is not None:
         accelerator.print(f"Resuming from {resume}")
-        changed = changed_settings(output_dir, settings)
-        if changed:
-            accelerator.print(f"Warning: {output_dir} was started with other settings ({changed}); the resumed run "
-                              "will not repeat an uninterrupted one. Pass the original flags to continue it exactly.")
     elif args.resume_from_checkpoint is not None:
         accelerator.print(f"No checkpoint found in {output_dir}; starting a new run.")
-    if resume is None and runtime.is_main:
-        (output_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
+    record_run_settings(output_dir, run_settings(args, config), resume is not None, runtime, accelerator.print)
     problem, mixture = build_problem(args, progress and runtime.is_main)
     if args.init_generator is not None:
         set_initial_generator(problem, args)

@@ -37,6 +37,17 @@ def test_mixture_run_resumes_to_the_uninterrupted_result(tmp_path, method):
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+def test_resuming_with_other_settings_is_warned(tmp_path, capsys):
+    out = tmp_path / "w"
+    _cli("awm", out, *MIXTURE, "--stop_after_steps", "2")
+    assert json.loads((out / "run_settings.json").read_text())["kl_beta"] == 0.003
+    _cli("awm", out, *MIXTURE, "--resume_from_checkpoint", "latest", "--stop_after_steps", "3")
+    assert "Warning" not in capsys.readouterr().out
+    _cli("awm", out, *MIXTURE, "--resume_from_checkpoint", "latest", "--kl_beta", "0.5", "--reward", "region:0,0,1")
+    printed = capsys.readouterr().out
+    assert "Warning" in printed and "kl_beta: 0.003 -> 0.5" in printed and "reward: None -> 'region:0,0,1'" in printed
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_digits_run_writes_a_pipeline_directory(tmp_path, lora):
     from difflab.models import load
