@@ -17,7 +17,7 @@ needs ``peft``).
 
 Conventions of the diffusers ``examples/`` trainers: ``--output_dir``, ``--max_train_steps`` (rollout +
 update rounds), ``--checkpointing_steps``, ``--resume_from_checkpoint latest``, ``--seed``,
-``--mixed_precision``; each process draws its own groups; advantages use the all-reduced reward std;
+``--mixed_precision`` (``bf16``: rollouts and losses under bfloat16 autocast, float32 weights); each process draws its own groups; advantages use the all-reduced reward std;
 gradients are all-reduced by the DDP wrapper of ``accelerator.prepare``. Every ``--validation_steps``
 the main process logs the reward of fixed-noise ODE samples (and, for digits, the target-class share,
 FD-digits to the real target-class digits and a grid ``validation-{step}.png``). The result: a
@@ -75,7 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add("--seed", type=int, default=d.seed)
     add("--checkpointing_steps", type=int, default=d.checkpointing_steps)
     add("--resume_from_checkpoint", default=None, help="A checkpoint-N directory, or 'latest' in --output_dir.")
-    add("--mixed_precision", choices=("no",), default="no", help="Only 'no': the trainer runs in float32.")
+    add("--mixed_precision", choices=("no", "bf16", "fp16"), default="no",
+        help="bf16: forward passes of training under bfloat16 autocast (weights, optimizer and evaluation stay "
+             "float32). fp16 is refused: it needs loss scaling, which this trainer does not do.")
     add("--validation_steps", type=int, default=10, help="Validate every N rounds (0: only at the end).")
     add("--num_validation_samples", type=int, default=256)
     add("--stop_after_steps", type=int, default=None, help="Stop after this round as if killed (resume later).")

@@ -216,29 +216,31 @@ def align_iteration(state: AlignState, problem: AlignProblem, config: AlignConfi
     shape = (config.batch_size, *problem.sample_shape)
     scheduler = problem.make_scheduler()
     state.policy.eval()
-    if config.method == "awm":
-        x0, grid = ode_rollout(state.policy, scheduler, config.num_inference_steps, labels, shape, g)
-    else:
-        scheduler.set_timesteps(config.num_inference_steps)
-        grid = scheduler.timesteps.detach().float().cpu()
-        trajectory = sde_rollout(state.policy, problem.schedule, problem.prediction_type, grid, labels, shape, g,
-                                 config.eta)
-        x0 = trajectory.final
+    with runtime.autocast():
+        if config.method == "awm":
+            x0, grid = ode_rollout(state.policy, scheduler, config.num_inference_steps, labels, shape, g)
+        else:
+            scheduler.set_timesteps(config.num_inference_steps)
+            grid = scheduler.timesteps.detach().float().cpu()
+            trajectory = sde_rollout(state.policy, problem.schedule, problem.prediction_type, grid, labels, shape,
+                                     g, config.eta)
+            x0 = trajectory.final
     rewards = problem.rewards(x0, labels).double().cpu()
     advantages = group_advantages(rewards, groups, config.advantage_std, config.advantage_clip, config.advantage_max)
     state.policy.train()
     trained = runtime.train_view(state.policy)
-    if config.method == "awm":
-        timesteps = grid[training_timestep_indices(len(grid), config.train_timesteps, g, config.skip_last_fraction)]
-        terms = awm_loss(trained, problem.schedule, problem.prediction_type, x0, labels, advantages.to(x0.device),
-                         timesteps, g, config.weighting, state.reference, config.kl_beta, state.anchor,
-                         config.ema_beta)
-        parts = {"policy_loss": terms.policy, "kl": terms.kl, "ema_kl": terms.ema_kl, "mse": terms.mse}
-    else:
-        terms = ddpo_loss(trained, problem.schedule, problem.prediction_type, trajectory, labels,
-                          advantages.to(x0.device), trainable_steps(trajectory), config.clip_range,
-                          state.reference, config.ddpo_kl_beta)
-        parts = {"policy_loss": terms.policy, "kl": terms.kl, "clip_fraction": terms.clip_fraction}
+    with runtime.autocast():
+        if config.method == "awm":
+            steps = training_timestep_indices(len(grid), config.train_timesteps, g, config.skip_last_fraction)
+            terms = awm_loss(trained, problem.schedule, problem.prediction_type, x0, labels,
+                             advantages.to(x0.device), grid[steps], g, config.weighting, state.reference,
+                             config.kl_beta, state.anchor, config.ema_beta)
+            parts = {"policy_loss": terms.policy, "kl": terms.kl, "ema_kl": terms.ema_kl, "mse": terms.mse}
+        else:
+            terms = ddpo_loss(trained, problem.schedule, problem.prediction_type, trajectory, labels,
+                              advantages.to(x0.device), trainable_steps(trajectory), config.clip_range,
+                              state.reference, config.ddpo_kl_beta)
+            parts = {"policy_loss": terms.policy, "kl": terms.kl, "clip_fraction": terms.clip_fraction}
     state.optimizer.zero_grad(set_to_none=True)
     for group in state.optimizer.param_groups:
         group["lr"] = config.learning_rate_at(state.step)

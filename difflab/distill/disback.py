@@ -195,12 +195,13 @@ def degradation_step(deg: DegradationState, student: OneStepGenerator, problem: 
     n = config.degradation_batch_size or base.batch_size
     g = step_generator(base.seed + DEGRADATION_SEED_SALT, deg.step, runtime.rank)
     z, labels = problem.draw_noise(n, g)
-    with torch.no_grad():
-        x0 = student(z, labels)
-    t = sample_timesteps(n, problem.t_bounds(base), g, x0.device)
-    x_t, eps = noised(problem.schedule, x0, t, g)
-    score = problem.score(runtime.train_view(deg.score))
-    loss, _ = dsm_loss(score, problem.schedule, x0, x_t, eps, t, class_labels=labels)
+    with runtime.autocast():
+        with torch.no_grad():
+            x0 = student(z, labels).float()
+        t = sample_timesteps(n, problem.t_bounds(base), g, x0.device)
+        x_t, eps = noised(problem.schedule, x0, t, g)
+        score = problem.score(runtime.train_view(deg.score))
+        loss, _ = dsm_loss(score, problem.schedule, x0, x_t, eps, t, class_labels=labels)
     loss.backward()
     if base.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(deg.score.parameters(), base.max_grad_norm)

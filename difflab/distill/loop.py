@@ -19,6 +19,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,10 +44,12 @@ def _no_barrier() -> None:
 
 @dataclass
 class Runtime:
-    """This process's place in a run: rank, the wrappers of trained modules, a barrier.
+    """This process's place in a run: rank, the wrappers of trained modules, a barrier, the precision.
 
-    The default is a single plain process (no wrapping). :meth:`from_accelerator` wraps modules with
-    ``accelerator.prepare`` (DDP when several processes run) as they are registered.
+    The default is a single plain process (no wrapping, float32). :meth:`from_accelerator` wraps modules
+    with ``accelerator.prepare`` (DDP when several processes run) as they are registered, and every
+    training iteration runs its forward passes (frozen teacher included) under ``accelerator.autocast()``:
+    bfloat16 with ``mixed_precision="bf16"``; the weights, optimizer states and evaluations stay float32.
     """
 
     rank: int = 0
@@ -54,14 +57,19 @@ class Runtime:
     is_main: bool = True
     prepare: Callable[[nn.Module], nn.Module] = _identity
     barrier: Callable[[], None] = _no_barrier
+    autocast: Callable[[], AbstractContextManager] = nullcontext
     wrapped: dict[int, nn.Module] = field(default_factory=dict)
 
     @classmethod
     def from_accelerator(cls, accelerator) -> Runtime:
-        """A runtime that prepares modules with ``accelerator`` and waits with ``wait_for_everyone``."""
+        """A runtime that prepares modules with ``accelerator``, waits with ``wait_for_everyone`` and runs
+        iterations under its autocast."""
+        if accelerator.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision={accelerator.mixed_precision!r}: these trainers call backward() "
+                             "without loss scaling, which float16 needs; use 'bf16' (no scaling needed) or 'no'.")
         return cls(rank=accelerator.process_index, num_processes=accelerator.num_processes,
                    is_main=accelerator.is_main_process, prepare=accelerator.prepare,
-                   barrier=accelerator.wait_for_everyone)
+                   barrier=accelerator.wait_for_everyone, autocast=accelerator.autocast)
 
     def register(self, *modules: nn.Module) -> None:
         """Wrap each module for training (idempotent); the wrapper keeps ``FORWARDED_ATTRIBUTES``."""
@@ -88,11 +96,12 @@ def fdistill_iteration(state: FDistillState, problem: LowDimProblem, config: FDi
     """
     runtime = runtime or Runtime()
     g = step_generator(config.seed, state.step, runtime.rank)
-    if config.is_generator_step(state.step):
-        stats = generator_step(replace(state, generator=runtime.train_view(state.generator)), problem, config, g)
-    else:
-        view = replace(state, fake=runtime.train_view(state.fake), head=runtime.train_view(state.head))
-        stats = critic_step(view, problem, config, g)
+    with runtime.autocast():
+        if config.is_generator_step(state.step):
+            stats = generator_step(replace(state, generator=runtime.train_view(state.generator)), problem, config, g)
+        else:
+            view = replace(state, fake=runtime.train_view(state.fake), head=runtime.train_view(state.head))
+            stats = critic_step(view, problem, config, g)
     check_finite(stats, state.step)
     state.step += 1
     return stats

@@ -24,7 +24,8 @@ Data and teacher, one of:
   run fits the same one).
 
 Conventions of the diffusers ``examples/`` trainers: ``--output_dir``, ``--max_train_steps``,
-``--checkpointing_steps``, ``--resume_from_checkpoint latest``, ``--seed``, ``--mixed_precision``;
+``--checkpointing_steps``, ``--resume_from_checkpoint latest``, ``--seed``, ``--mixed_precision`` (``bf16``:
+bfloat16 autocast of the training forward passes; fp16 is refused, there is no loss scaling);
 an ``Accelerator`` whose ``prepare`` wraps the trained networks (gradients all-reduced across
 processes), the f-distill normalizations all-reduced by :func:`~difflab.distill.engine.global_sum`.
 UNet teachers (digits and pipelines) train on the process's GPU when CUDA is available, else on the CPU;
@@ -119,8 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add("--validation_per_class", type=int, default=50, help="--model runs: samples per class of each validation.")
     add("--resume_from_checkpoint", default=None,
         help="A checkpoint-N directory, or 'latest' for the newest one in --output_dir.")
-    add("--mixed_precision", choices=("no",), default="no",
-        help="Only 'no': the trainer runs in float32.")
+    add("--mixed_precision", choices=("no", "bf16", "fp16"), default="no",
+        help="bf16: forward passes of training under bfloat16 autocast (weights, optimizer and evaluation stay "
+             "float32). fp16 is refused: it needs loss scaling, which this trainer does not do.")
     add("--stop_after_steps", type=int, default=None,
         help="Stop after this global step without writing the result, as if killed (resume later).")
     add("--mixture", choices=MIXTURES, default="ring8", help="ring8: 2-D ring of 8 unequal modes; random: see --dim.")
