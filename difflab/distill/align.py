@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add("--checkpointing_steps", type=int, default=d.checkpointing_steps)
     add("--resume_from_checkpoint", default=None, help="A checkpoint-N directory, or 'latest' in --output_dir.")
     add("--mixed_precision", choices=("no", "bf16", "fp16"), default="no",
-        help="bf16: forward passes of training under bfloat16 autocast (weights, optimizer and evaluation stay "
+        help="bf16: forward passes of training under bfloat16 autocast (weights and optimizer states stay "
              "float32). fp16 is refused: it needs loss scaling, which this trainer does not do.")
     add("--validation_steps", type=int, default=10, help="Validate every N rounds (0: only at the end).")
     add("--num_validation_samples", type=int, default=256)

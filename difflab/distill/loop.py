@@ -49,7 +49,8 @@ class Runtime:
     The default is a single plain process (no wrapping, float32). :meth:`from_accelerator` wraps modules
     with ``accelerator.prepare`` (DDP when several processes run) as they are registered, and every
     training iteration runs its forward passes (frozen teacher included) under ``accelerator.autocast()``:
-    bfloat16 with ``mixed_precision="bf16"``; the weights, optimizer states and evaluations stay float32.
+    bfloat16 with ``mixed_precision="bf16"``; the weights and optimizer states stay float32 (``prepare`` also
+    puts the trained modules' own forward under autocast, outputs cast back to float32).
     """
 
     rank: int = 0

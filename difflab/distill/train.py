@@ -121,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add("--resume_from_checkpoint", default=None,
         help="A checkpoint-N directory, or 'latest' for the newest one in --output_dir.")
     add("--mixed_precision", choices=("no", "bf16", "fp16"), default="no",
-        help="bf16: forward passes of training under bfloat16 autocast (weights, optimizer and evaluation stay "
+        help="bf16: forward passes of training under bfloat16 autocast (weights and optimizer states stay "
              "float32). fp16 is refused: it needs loss scaling, which this trainer does not do.")
     add("--stop_after_steps", type=int, default=None,
         help="Stop after this global step without writing the result, as if killed (resume later).")
