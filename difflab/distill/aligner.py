@@ -225,6 +225,7 @@ def align_iteration(state: AlignState, problem: AlignProblem, config: AlignConfi
             trajectory = sde_rollout(state.policy, problem.schedule, problem.prediction_type, grid, labels, shape,
                                      g, config.eta)
             x0 = trajectory.final
+    x0 = x0.float()  # diffusers schedulers return the model output's dtype (bfloat16 under autocast)
     rewards = problem.rewards(x0, labels).double().cpu()
     advantages = group_advantages(rewards, groups, config.advantage_std, config.advantage_clip, config.advantage_max)
     state.policy.train()

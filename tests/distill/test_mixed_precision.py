@@ -50,6 +50,8 @@ def test_align_iteration_rolls_out_and_trains_in_bfloat16():
     from difflab.distill.rewards import build_reward
 
     problem = digits_problem("digits-flow", build_reward("class:3"), None, eval_samples=8, target_class=3)
+    reward, seen_by_reward = problem.reward, []
+    problem.reward = lambda images, labels: seen_by_reward.append(images.dtype) or reward(images, labels)
     for method in ("awm", "ddpo"):
         config = AlignConfig(method=method, num_groups=1, group_size=4, num_inference_steps=4, max_train_steps=1)
         state = build_state(problem, config)
@@ -57,6 +59,7 @@ def test_align_iteration_rolls_out_and_trains_in_bfloat16():
             stats = align_iteration(state, problem, config, BF16)
         assert seen == {torch.bfloat16} and torch.isfinite(torch.tensor(stats["policy_loss"]))
         assert {p.dtype for p in state.policy.parameters()} == {torch.float32}
+    assert seen_by_reward == [torch.float32] * 2  # the rollouts' samples, back in float32
 
 
 def test_disback_degradation_step_in_bfloat16():
