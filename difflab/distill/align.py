@@ -17,7 +17,8 @@ needs ``peft``).
 
 Conventions of the diffusers ``examples/`` trainers: ``--output_dir``, ``--max_train_steps`` (rollout +
 update rounds), ``--checkpointing_steps``, ``--resume_from_checkpoint latest``, ``--seed``,
-``--mixed_precision`` (``bf16``: rollouts and losses under bfloat16 autocast, float32 weights); each process draws its own groups; advantages use the all-reduced reward std;
+``--mixed_precision`` (``bf16``: rollouts and losses under bfloat16 autocast, float32 weights), ``--report_to``
+(rewards, losses and validation to accelerate's trackers, e.g. tensorboard); each process draws its own groups; advantages use the all-reduced reward std;
 gradients are all-reduced by the DDP wrapper of ``accelerator.prepare``. Every ``--validation_steps``
 the main process logs the reward of fixed-noise ODE samples (and, for digits, the target-class share,
 FD-digits to the real target-class digits and a grid ``validation-{step}.png``). The result: a
@@ -39,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..distributed import cpu_without_cuda, end_training
+from ..tracking import accelerator_tracking_kwargs, add_tracking_arguments, start_tracking
 
 METHODS = ("awm", "ddpo")
 
@@ -83,6 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add("--stop_after_steps", type=int, default=None, help="Stop after this round as if killed (resume later).")
     add("--teacher_steps", type=int, default=2000, help="Mixture: steps of the MLP fit to the exact denoiser.")
     add("--no_progress", action="store_true")
+    add_tracking_arguments(parser)
     if method == "awm":
         add("--train_timesteps", type=int, default=d.train_timesteps, help="Training timesteps K per sample.")
         add("--skip_last_fraction", type=float, default=d.skip_last_fraction,
@@ -292,10 +295,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = build_config(args)
     output_dir = Path(args.output_dir)
     resume = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=cpu_without_cuda())
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=cpu_without_cuda(),
+                              **accelerator_tracking_kwargs(args))
     runtime = Runtime.from_accelerator(accelerator)
     if runtime.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
+    start_tracking(accelerator, f"difflab-align-{args.method}", args)
     problem = build_problem(args)
     problem.to(accelerator.device)
     state = build_state(problem, config, args.lora_rank)
@@ -320,6 +325,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.validation_steps and state.step % args.validation_steps == 0 and runtime.is_main:
             entry.update(validate(state, problem, args, output_dir))
         state.history.append(entry)
+        runtime.log(entry, state.step)
         bar.update(1)
         bar.set_postfix(reward=f"{stats['reward']:.3f}", samples=state.samples)
         if state.step % config.checkpointing_steps == 0:
@@ -335,6 +341,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if done and runtime.is_main:
         final = validate(state, problem, args, output_dir)
+        runtime.log(final, state.step)
         save_result(output_dir, args, state, problem)
         summary["final"] = final
         with open(output_dir / "train_summary.json", "w") as f:

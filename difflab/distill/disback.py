@@ -365,6 +365,7 @@ def run_degradation(deg: DegradationState, config: DisBackConfig, problem: LowDi
                disable=not (progress and runtime.is_main), leave=False)
     while deg.step < end:
         deg.losses.append(degradation_step(deg, student, problem, config, runtime))
+        runtime.log({"degradation_dsm_loss": deg.losses[-1]}, deg.step)
         bar.update(1)
         bar.set_postfix(dsm=f"{deg.losses[-1]:.4f}")
         if runtime.is_main and deg.step % config.node_interval == 0:
@@ -392,6 +393,7 @@ def run_backtracking(state: FDistillState, tracker: Backtracker, config: DisBack
         tracker.update(stats, state.step)
         latest.update(stats)
         latest["target_node"] = -1 if tracker.node is None else tracker.node
+        runtime.log({**stats, "target_node": latest["target_node"]}, state.step)
         if state.step % log_every == 0:
             state.history.append({"step": state.step, **latest})
         bar.update(1)

@@ -42,6 +42,10 @@ def _no_barrier() -> None:
     return None
 
 
+def _no_log(values: dict, step: int) -> None:
+    return None
+
+
 @dataclass
 class Runtime:
     """This process's place in a run: rank, the wrappers of trained modules, a barrier, the precision.
@@ -59,18 +63,22 @@ class Runtime:
     prepare: Callable[[nn.Module], nn.Module] = _identity
     barrier: Callable[[], None] = _no_barrier
     autocast: Callable[[], AbstractContextManager] = nullcontext
+    log: Callable[[dict, int], None] = _no_log  # statistics of a step to the experiment trackers (--report_to)
     wrapped: dict[int, nn.Module] = field(default_factory=dict)
 
     @classmethod
     def from_accelerator(cls, accelerator) -> Runtime:
-        """A runtime that prepares modules with ``accelerator``, waits with ``wait_for_everyone`` and runs
-        iterations under its autocast."""
+        """A runtime that prepares modules with ``accelerator``, waits with ``wait_for_everyone``, runs
+        iterations under its autocast and logs to its trackers."""
+        from ..tracking import scalars
+
         if accelerator.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"mixed_precision={accelerator.mixed_precision!r}: these trainers call backward() "
                              "without loss scaling, which float16 needs; use 'bf16' (no scaling needed) or 'no'.")
         return cls(rank=accelerator.process_index, num_processes=accelerator.num_processes,
                    is_main=accelerator.is_main_process, prepare=accelerator.prepare,
-                   barrier=accelerator.wait_for_everyone, autocast=accelerator.autocast)
+                   barrier=accelerator.wait_for_everyone, autocast=accelerator.autocast,
+                   log=lambda values, step: accelerator.log(scalars(values), step=step))
 
     def register(self, *modules: nn.Module) -> None:
         """Wrap each module for training (idempotent); the wrapper keeps ``FORWARDED_ATTRIBUTES``."""

@@ -25,7 +25,8 @@ Data and teacher, one of:
 
 Conventions of the diffusers ``examples/`` trainers: ``--output_dir``, ``--max_train_steps``,
 ``--checkpointing_steps``, ``--resume_from_checkpoint latest``, ``--seed``, ``--mixed_precision`` (``bf16``:
-bfloat16 autocast of the training forward passes; fp16 is refused, there is no loss scaling);
+bfloat16 autocast of the training forward passes; fp16 is refused, there is no loss scaling), ``--report_to``
+(losses and validation metrics to accelerate's trackers, e.g. tensorboard under ``output_dir/logs``);
 an ``Accelerator`` whose ``prepare`` wraps the trained networks (gradients all-reduced across
 processes), the f-distill normalizations all-reduced by :func:`~difflab.distill.engine.global_sum`.
 UNet teachers (digits and pipelines) train on the process's GPU when CUDA is available, else on the CPU;
@@ -51,6 +52,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..distributed import cpu_without_cuda, end_training
+from ..tracking import accelerator_tracking_kwargs, add_tracking_arguments, start_tracking
 
 METHODS = ("f-distill", "disback")
 MIXTURES = ("ring8", "random")
@@ -125,6 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
              "float32). fp16 is refused: it needs loss scaling, which this trainer does not do.")
     add("--stop_after_steps", type=int, default=None,
         help="Stop after this global step without writing the result, as if killed (resume later).")
+    add_tracking_arguments(parser)
     add("--mixture", choices=MIXTURES, default="ring8", help="ring8: 2-D ring of 8 unequal modes; random: see --dim.")
     add("--dim", type=int, default=2, help="Dimension of --mixture random.")
     add("--num_modes", type=int, default=8, help="Modes of --mixture random.")
@@ -401,7 +404,9 @@ def _train_fdistill(config, problem, output_dir: Path, resume, stop: int, runtim
     if on_step is not None and state.step == 0:
         on_step(state)  # the initial generator's validation
     while state.step < stop:
-        latest.update(fdistill_iteration(state, problem, config, runtime))
+        stats = fdistill_iteration(state, problem, config, runtime)
+        latest.update(stats)
+        runtime.log(stats, state.step)
         if state.step % log_every == 0:
             state.history.append({"step": state.step, **latest})
         bar.update(1)
@@ -448,8 +453,9 @@ def validator(args: argparse.Namespace, problem, output_dir: Path, runtime):
                                        seed=args.seed + 1)
             return
         score = evaluate_student(state.ema.model, problem, args.validation_per_class, seed=args.seed + 1)
-        state.history.append({"step": state.step, "validation": True, "fd_digits": score["fd_digits"],
-                              "accuracy": score["accuracy"]})
+        metrics = {"fd_digits": score["fd_digits"], "accuracy": score["accuracy"]}
+        state.history.append({"step": state.step, "validation": True, **metrics})
+        runtime.log(metrics, state.step)
         save_student_grid(state.ema.model, problem, output_dir / f"validation-{state.step}.png", seed=args.seed + 1)
         tqdm.write(f"step {state.step}: FD-digits {score['fd_digits']:.1f} (floor {score['noise_floor']:.1f}), "
                    f"accuracy {score['accuracy']:.3f}")
@@ -471,11 +477,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.model is None:
         require_matplotlib()  # the mixture run ends with a scatter plot: fail now, not after training
     # UNet teachers train on the GPU when there is one; the 2-D mixture's tiny MLPs stay on the CPU
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.model is None or cpu_without_cuda())
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.model is None or cpu_without_cuda(),
+                              **accelerator_tracking_kwargs(args))
     runtime = Runtime.from_accelerator(accelerator)
     progress = not args.no_progress
     if runtime.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
+    start_tracking(accelerator, f"difflab-distill-{args.method}", args)
     if resume is not None:
         accelerator.print(f"Resuming from {resume}")
     elif args.resume_from_checkpoint is not None:

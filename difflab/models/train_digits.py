@@ -5,8 +5,8 @@ Runs as ``python -m difflab.models.train_digits --model digits-ddpm --output_dir
 diffusers ``examples/`` conventions: an ``Accelerator`` with a ``ProjectConfiguration``,
 ``--checkpointing_steps`` / ``--checkpoints_total_limit`` / ``--resume_from_checkpoint latest``
 (``accelerate.save_state`` into ``output_dir/checkpoint-{step}``, the EMA state included), EMA
-weights via ``diffusers.training_utils.EMAModel``, and a pipeline directory written with
-``save_pretrained`` at the end.
+weights via ``diffusers.training_utils.EMAModel``, ``--report_to tensorboard`` (loss and learning rate
+per step, under ``output_dir/logs``), and a pipeline directory written with ``save_pretrained`` at the end.
 
 Losses:
 
@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import cpu_without_cuda, end_training
 from ..schedule import NoiseSchedule
+from ..tracking import accelerator_tracking_kwargs, add_tracking_arguments, start_tracking
 from .digits import NULL_CLASS, DigitsClassifier, DigitsPipeline, digits_unet_config, load_digits_dataset
 
 MODELS = ("digits-ddpm", "digits-flow", "digits-classifier")
@@ -85,6 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--stop_after_steps", type=int, default=None,
                         help="Stop after this global step without writing the final model, as if the run were "
                              "killed (resume it later with --resume_from_checkpoint latest).")
+    add_tracking_arguments(parser)
     return parser
 
 
@@ -268,12 +270,13 @@ def save_checkpoint(accelerator, args: argparse.Namespace, step: int) -> None:
 def _setup(args: argparse.Namespace):
     """Accelerator, model, optimizer, LR schedule and EMA, prepared and registered for checkpointing."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs"))
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, project_config=project, cpu=cpu_without_cuda())
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=cpu_without_cuda(),
+                              **accelerator_tracking_kwargs(args))
+    start_tracking(accelerator, f"difflab-train-{args.model}", args)
     set_seed(args.seed)
     model = build_model(args.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
@@ -365,6 +368,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+        accelerator.log({"loss": loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
         if step % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, args, step)
     bar.close()
