@@ -16,7 +16,7 @@ class:3``, ``ink``, ``region:X,Y,R``, or weighted sums (``class:3*1+ink*0.5``); 
 needs ``peft``).
 
 Conventions of the diffusers ``examples/`` trainers: ``--output_dir``, ``--max_train_steps`` (rollout +
-update rounds), ``--checkpointing_steps``, ``--resume_from_checkpoint latest``, ``--seed``,
+update rounds), ``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--resume_from_checkpoint latest``, ``--seed``,
 ``--mixed_precision`` (``bf16``: rollouts and losses under bfloat16 autocast, float32 weights), ``--report_to``
 (rewards, losses and validation to accelerate's trackers, e.g. tensorboard); each process draws its own groups; advantages use the all-reduced reward std;
 gradients are all-reduced by the DDP wrapper of ``accelerator.prepare``. Every ``--validation_steps``
@@ -75,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
         help="Std of the advantage normalization: all rewards (AWM default), each group's, or none.")
     add("--lora_rank", type=int, default=0, help="Train LoRA adapters of this rank (needs peft); 0: full fine-tuning.")
     add("--seed", type=int, default=d.seed)
-    add("--checkpointing_steps", type=int, default=d.checkpointing_steps)
+    add("--checkpointing_steps", type=int, default=d.checkpointing_steps, help="Save a checkpoint every N rounds.")
+    add("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
     add("--resume_from_checkpoint", default=None, help="A checkpoint-N directory, or 'latest' in --output_dir.")
     add("--mixed_precision", choices=("no", "bf16", "fp16"), default="no",
         help="bf16: forward passes of training under bfloat16 autocast (weights and optimizer states stay "
@@ -128,6 +129,8 @@ def build_config(args: argparse.Namespace):
     config.validate()
     if args.validation_steps < 0 or args.lora_rank < 0:
         raise ValueError("--validation_steps and --lora_rank must be >= 0.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError("--checkpoints_total_limit must be >= 1 (leave it out to keep every checkpoint).")
     return config
 
 
@@ -331,7 +334,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if state.step % config.checkpointing_steps == 0:
             if runtime.is_main:
                 write_checkpoint(output_dir, state.step, {"method": args.method, "config": asdict(config),
-                                                          "state": state.state_dict()})
+                                                          "state": state.state_dict()}, args.checkpoints_total_limit)
             runtime.barrier()
     bar.close()
     done = state.step >= config.max_train_steps

@@ -32,7 +32,8 @@ def test_mixture_run_resumes_to_the_uninterrupted_result(tmp_path, method):
         assert load_mixture_policy(tmp_path / "a")(torch.randn(3, 2), torch.tensor([10.0] * 3)).sample.shape == (3, 2)
     _cli(method, tmp_path / "b", *MIXTURE, "--stop_after_steps", "3")  # "killed" after checkpoint-2
     assert not (tmp_path / "b" / "policy.safetensors").exists()
-    _cli(method, tmp_path / "b", *MIXTURE, "--resume_from_checkpoint", "latest")
+    _cli(method, tmp_path / "b", *MIXTURE, "--resume_from_checkpoint", "latest", "--checkpoints_total_limit", "1")
+    assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-4"]
     a, b = load_file(tmp_path / "a" / "policy.safetensors"), load_file(tmp_path / "b" / "policy.safetensors")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
@@ -77,7 +78,8 @@ def test_errors_are_messages(tmp_path, capsys):
     for extra, message in [(["--reward", "clas:3"], "unknown reward"), (["--label", "x"], "--label must be a digit"),
                            (["--num_inference_steps", "2"], "num_inference_steps must be >= 3"),
                            (["--model", "digits-classifier"], "is not a diffusion pipeline"),
-                           (["--resume_from_checkpoint", str(tmp_path / "none")], "is not a checkpoint directory")]:
+                           (["--resume_from_checkpoint", str(tmp_path / "none")], "is not a checkpoint directory"),
+                           (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be >= 1")]:
         with pytest.raises(SystemExit) as info:
             _cli("awm", tmp_path / "x", *DIGITS, *extra)
         assert info.value.code == 2 and message in capsys.readouterr().err
