@@ -16,10 +16,11 @@ class:3``, ``ink``, ``region:X,Y,R``, or weighted sums (``class:3*1+ink*0.5``); 
 needs ``peft``).
 
 Conventions of the diffusers ``examples/`` trainers: ``--output_dir``, ``--max_train_steps`` (rollout +
-update rounds), ``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--resume_from_checkpoint latest``, ``--seed``,
-``--mixed_precision`` (``bf16``: rollouts and losses under bfloat16 autocast, float32 weights), ``--report_to``
-(rewards, losses and validation to accelerate's trackers, e.g. tensorboard); each process draws its own groups; advantages use the all-reduced reward std;
-gradients are all-reduced by the DDP wrapper of ``accelerator.prepare``. Every ``--validation_steps``
+update rounds), ``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--resume_from_checkpoint
+latest``, ``--seed``, ``--mixed_precision`` (``bf16``: rollouts and losses under bfloat16 autocast,
+float32 weights), ``--report_to`` (rewards, losses and validation to accelerate's trackers, e.g.
+tensorboard); each process draws its own groups; advantages use the all-reduced reward std; gradients
+are all-reduced by the DDP wrapper of ``accelerator.prepare``. Every ``--validation_steps``
 the main process logs the reward of fixed-noise ODE samples (and, for digits, the target-class share,
 FD-digits to the real target-class digits and a grid ``validation-{step}.png``). The result: a
 DigitsPipeline directory (``difflab sample --model OUT``) or ``policy.safetensors`` +
