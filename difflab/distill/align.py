@@ -279,13 +279,13 @@ def validate(state, problem, args: argparse.Namespace, output_dir: Path) -> dict
 # --------------------------------------------------------------------------------------------
 
 
-def run_settings(args: argparse.Namespace, config) -> dict[str, Any]:
+def run_settings(args: argparse.Namespace, config, problem) -> dict[str, Any]:
     """What decides an alignment run's trajectory (recorded in ``output_dir/run_settings.json``): the method,
-    model, reward, label, prompts, LoRA rank and every hyper-parameter but the length and checkpointing."""
+    model, reward (as resolved: a default and the same reward spelled out agree), label, prompts, LoRA rank
+    and every hyper-parameter but the length and checkpointing."""
     hyper = {k: v for k, v in asdict(config).items() if k not in ("max_train_steps", "checkpointing_steps")}
-    run = {k: getattr(args, k, None) for k in ("method", "model", "reward", "label", "prompts", "lora_rank",
-                                             "teacher_steps")}
-    return json.loads(json.dumps({**run, **hyper}))
+    run = {k: getattr(args, k, None) for k in ("method", "model", "label", "prompts", "lora_rank", "teacher_steps")}
+    return json.loads(json.dumps({**run, "reward": repr(problem.reward), **hyper}))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -317,7 +317,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         accelerator.print(f"Resuming from {resume} (round {state.step})")
     elif args.resume_from_checkpoint is not None:
         accelerator.print(f"No checkpoint found in {output_dir}; starting a new run.")
-    record_run_settings(output_dir, run_settings(args, config), resume is not None, runtime, accelerator.print)
+    record_run_settings(output_dir, run_settings(args, config, problem), resume is not None, runtime,
+                        accelerator.print)
     runtime.register(state.policy)
     stop = min(config.max_train_steps, args.stop_after_steps or config.max_train_steps)
     bar = tqdm(total=config.max_train_steps, initial=state.step, desc=f"align {args.method}",

@@ -42,11 +42,13 @@ def test_resuming_with_other_settings_is_warned(tmp_path, capsys):
     out = tmp_path / "w"
     _cli("awm", out, *MIXTURE, "--stop_after_steps", "2")
     assert json.loads((out / "run_settings.json").read_text())["kl_beta"] == 0.003
-    _cli("awm", out, *MIXTURE, "--resume_from_checkpoint", "latest", "--stop_after_steps", "3")
+    _cli("awm", out, *MIXTURE, "--resume_from_checkpoint", "latest", "--stop_after_steps", "3",
+         "--reward", "region:0.8,0,0.3")  # the default reward, spelled out
     assert "Warning" not in capsys.readouterr().out
     _cli("awm", out, *MIXTURE, "--resume_from_checkpoint", "latest", "--kl_beta", "0.5", "--reward", "region:0,0,1")
     printed = capsys.readouterr().out
-    assert "Warning" in printed and "kl_beta: 0.003 -> 0.5" in printed and "reward: None -> 'region:0,0,1'" in printed
+    assert "Warning" in printed and "kl_beta: 0.003 -> 0.5" in printed
+    assert "reward: 'region:0.8,0,0.3' -> 'region:0,0,1'" in printed
 
 
 @pytest.mark.parametrize("lora", [False, True])
