@@ -13,7 +13,9 @@ Every ``validation_steps`` iterations the trainer scores the EMA generator: FD-d
 samples per class (500, fixed noise) against the 359 held-out real digits, and class accuracy by the
 digits classifier. The teacher's number uses the same protocol: 500 samples of digits-ddpm with
 DPM-Solver++ 2M at 50 steps, no guidance. "Train time" is the trainer's own clock (one thread,
-including validation; DisBack's includes stage 1). Generator steps = iterations / 5.
+including validation; DisBack's includes stage 1). Generator steps = iterations / 5. ``js-bf16`` is the
+js run with ``--mixed_precision bf16`` (every training forward pass under bfloat16 autocast, float32
+weights); its train time depends on the CPU's bfloat16 support.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ RUNS = {  # name: (method, divergence, extra trainer flags)
     "disback-js-i500": ("disback", "js", ["--backtrack_interval", "500"]),
     "disback-js-plateau": ("disback", "js", ["--switch", "plateau", "--backtrack_interval", "500",
                                              "--min_node_steps", "100", "--plateau_window", "40"]),
+    "js-bf16": ("f-distill", "js", ["--mixed_precision", "bf16"]),  # the js run under bfloat16 autocast
 }
 DEFAULT_RUNS = ["js", "disback-js", "rkl", "kl"]
 SMOOTHING = 3  # validations in the running mean of the smoothed DisBack comparison
@@ -124,6 +127,21 @@ def running_mean(points: list[tuple[int, float, float]], window: int = SMOOTHING
     """
     return [(points[i][0], sum(fd for _, fd, _ in points[i - window + 1:i + 1]) / window, points[i][2])
             for i in range(window - 1, len(points))]
+
+
+def cpu_description() -> str:
+    """The CPU's model name and whether it has bfloat16 instructions (from /proc/cpuinfo where there is one)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor() or "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                "unknown")
+    flags = {f for line in info.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+    bf16 = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    return f"{name}, bfloat16 instructions: {', '.join(bf16) if bf16 else 'none'}"
 
 
 def teacher_score(seeds: list[int]) -> dict:
@@ -213,22 +231,26 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
                      f" | {s['accuracy']:.3f} | {'never' if reach is None else reach} | {reach_s} | {points[-1][0]} |"
                      f" {s['train_seconds'] / 60:.1f} min |")
     per_seed = ", ".join(f"{v:.1f}" for v in teacher["per_seed"])
+    disback_runs = [n for n in summaries if RUNS[n][0] == "disback"]
     body = [f"Teacher (digits-ddpm, DPM-Solver++ 2M, 50 steps, no guidance): FD-digits {t_fd:.1f} (mean of three "
             f"noise draws: {per_seed}), accuracy {teacher['accuracy']:.3f}; noise floor of 500 real digits "
             f"{teacher['noise_floor']:.1f}. The students' 500 samples use one fixed noise draw.\n",
             f"Settings: {args.steps} iterations (4 critic updates per generator update), batch {args.batch_size}, "
             f"AdamW lr {args.lr_generator:g} (generator) / {args.lr_critic:g} (fake score, head), GAN weight "
-            f"{args.gan_weight:g}, seed {args.seed}. DisBack: {args.num_nodes} nodes of {args.node_interval} DSM "
-            f"steps (lr {args.lr_critic:g}), then {args.backtrack_interval} iterations per target.\n",
+            f"{args.gan_weight:g}, seed {args.seed}."
+            + (f" DisBack: {args.num_nodes} nodes of {args.node_interval} DSM steps (lr {args.lr_critic:g}), then "
+               f"{args.backtrack_interval} iterations per target." if disback_runs else "") + "\n",
             *start_note(args, curves), *lines, "", "FD-digits of the EMA generator at each validation (generator steps: FD / accuracy):\n"]
     for name, points in curves.items():
         body.append(f"- {name}: " + ", ".join(f"{st}: {fd:.1f} / {acc:.2f}" for st, fd, acc in points))
-    if "js" in summaries:
+    if any("bf16" in RUNS[n][2] for n in summaries):
+        body.append(f"\nCPU of these runs: {cpu_description()}. The bf16 run's time depends on it.")
+    if "js" in summaries and disback_runs:
         target, base_steps = summaries["js"]["fd_digits"], curves["js"][-1][0]
         body.append(f"\nDisBack against its baseline (f-distill js): the baseline's final FD-digits {target:.1f} after "
                     f"{base_steps} generator steps{own_first(curves['js'], target, base_steps)}. Generator steps until "
                     "DisBack's EMA generator first reaches it (stage-2 steps; stage 1 trains no generator):\n")
-        for name in (n for n in summaries if RUNS[n][0] == "disback"):
+        for name in disback_runs:
             steps = first_reaching(curves[name], target)
             ratio = "never within the run" if steps is None else f"{steps} steps, {steps / base_steps:.2f}x the baseline's"
             every = int(summaries[name]["args"]["critic_updates"]) + 1
@@ -241,12 +263,13 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> str:
                     f"level: the mean of its last {SMOOTHING}, {smooth_target:.1f}"
                     f"{own_first(smooth_base, smooth_target, base_steps)}; DisBack reaches it when the mean of "
                     f"{SMOOTHING} consecutive validations first drops to it, counted at the last of them):\n")
-        for name in (n for n in summaries if RUNS[n][0] == "disback"):
+        for name in disback_runs:
             steps = first_reaching(running_mean(curves[name]), smooth_target)
             ratio = "never within the run" if steps is None else f"{steps} steps, {steps / base_steps:.2f}x the baseline's"
             body.append(f"- {name}: {ratio}.")
     body.append(f"\nSamples of the best run ({best}, one step, EMA weights):\n\n![samples]({grid.name})")
-    return publish(args.out, "One-step digits-ddpm students: f-distill and DisBack", "distill_digits", argv,
+    title = "One-step digits-ddpm students: f-distill" + (" and DisBack" if disback_runs else "")
+    return publish(args.out, title, "distill_digits", argv,
                    time.time() - start, __doc__, "\n".join(lines), body="\n".join(body) + "\n", picture=png.name)
 
 
