@@ -47,7 +47,7 @@ from .digits import (
     one_step_pipeline,
     save_one_step_pipeline,
 )
-from .disback import Backtracker, DisBackConfig, DisBackRun, strict_load, train_disback, train_disback_lowdim
+from .disback import Backtracker, DisBackConfig, DisBackRun, train_disback, train_disback_lowdim
 from .engine import (
     EMA,
     ScoreModel,
@@ -74,7 +74,7 @@ from .fdistill import (
 )
 from .loop import Runtime, fdistill_iteration
 from .lowdim import FDistillConfig, FDistillRun, exact_teacher, fit_mlp_teacher, train_fdistill_lowdim
-from .nets import DiscriminatorHead, MLPDenoiser, OneStepGenerator, default_generator_timestep
+from .nets import DiscriminatorHead, MLPDenoiser, OneStepGenerator, default_generator_timestep, strict_load
 from .pipelines import PromptConditionedUNet, distill_problem, pipeline_distill_problem
 from .rewards import CompositeReward, DigitsClassReward, InkReward, RegionReward, build_reward, group_advantages
 from .rollout import ode_rollout, sde_rollout

@@ -242,8 +242,7 @@ def load_mixture_policy(output_dir: str | Path):
     """The aligned MLP denoiser of a ``--model mixture`` run."""
     from safetensors.torch import load_file
 
-    from .disback import strict_load
-    from .nets import MLPDenoiser
+    from .nets import MLPDenoiser, strict_load
 
     path = Path(output_dir) / "policy_config.json"
     if not path.is_file():

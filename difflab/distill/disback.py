@@ -50,7 +50,7 @@ from .lowdim import (
     new_generator,
     resolve_checkpoint,
 )
-from .nets import MLPDenoiser, OneStepGenerator
+from .nets import MLPDenoiser, OneStepGenerator, strict_load
 
 SWITCH_RULES = ("fixed", "plateau")
 DEGRADATION_SEED_SALT = 104_729  # stage-1 draws use their own stream: step_generator(seed + salt, k, rank)
@@ -118,27 +118,6 @@ def save_node(module: nn.Module, nodes_dir: str | Path, k: int) -> Path:
     torch.save({name: t.detach().cpu().clone() for name, t in module.state_dict().items()}, tmp)
     tmp.replace(path)
     return path
-
-
-def state_dict_mismatch(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
-    """The missing, unexpected and mis-shaped keys of ``given`` against ``own`` ('' when keys and shapes agree)."""
-    missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
-    shapes = sorted(k for k in set(own) & set(given) if own[k].shape != given[k].shape)
-    if not (missing or unexpected or shapes):
-        return ""
-    return (f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-            f"{'...' if len(unexpected) > 5 else ''}, shape mismatches {shapes[:5]}")
-
-
-def strict_load(module: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
-    """Load ``state_dict`` into ``module`` only if keys and shapes match exactly (else a ValueError that
-    lists the missing, unexpected and mis-shaped keys)."""
-    mismatch = state_dict_mismatch(module.state_dict(), state_dict)
-    if mismatch:
-        raise ValueError(f"{source} does not match {type(module).__name__}: {mismatch}; it must be the state dict "
-                         "of the same network (same configuration, no key prefixes).")
-    result = module.load_state_dict(state_dict, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys  # checked above; strict=True raises anyway
 
 
 def load_node(module: nn.Module, nodes_dir: str | Path, k: int) -> nn.Module:

@@ -41,7 +41,14 @@ from .engine import (
     step_generator,
 )
 from .fdistill import RatioNormalizer, canonical_divergence, fdistill_weights, generator_loss
-from .nets import DiscriminatorHead, MLPDenoiser, OneStepGenerator, default_generator_timestep, inner_module
+from .nets import (
+    DiscriminatorHead,
+    MLPDenoiser,
+    OneStepGenerator,
+    default_generator_timestep,
+    inner_module,
+    strict_load,
+)
 
 HEAD_FEATURES = ("fake", "teacher")
 
@@ -200,8 +207,6 @@ def new_generator(config: FDistillConfig, problem: LowDimProblem) -> OneStepGene
     generator = OneStepGenerator(copy.deepcopy(problem.teacher_net), problem.schedule,
                                  generator_timestep(config, problem), prediction_type=problem.prediction_type)
     if problem.initial_generator is not None:
-        from .disback import strict_load
-
         strict_load(inner_module(generator.denoiser), problem.initial_generator, "the initial generator")
     return generator
 

@@ -269,8 +269,7 @@ def load_one_step_student(path: Path, problem) -> tuple[torch.nn.Module, float]:
     from ..models import load
     from ..schedule import NoiseSchedule, canonical_prediction_type
     from .digits import SAMPLING_FILE
-    from .disback import state_dict_mismatch
-    from .nets import inner_module
+    from .nets import inner_module, state_dict_mismatch
 
     settings = path / SAMPLING_FILE
     if not settings.is_file() or json.loads(settings.read_text()).get("num_inference_steps") != 1:
@@ -336,8 +335,7 @@ def load_generator(output_dir: str | Path):
     from safetensors.torch import load_file
 
     from ..schedule import NoiseSchedule
-    from .disback import strict_load
-    from .nets import MLPDenoiser, OneStepGenerator
+    from .nets import MLPDenoiser, OneStepGenerator, strict_load
 
     output_dir = Path(output_dir)
     path = output_dir / "generator_config.json"
