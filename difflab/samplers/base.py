@@ -17,6 +17,7 @@ to ``DDIMScheduler``). Saved pipelines need ``import difflab`` before ``from_pre
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,6 +145,16 @@ class DifflabScheduler(SchedulerMixin, ConfigMixin):
     _compatibles = [e.name for e in KarrasDiffusionSchedulers] + ["FlowMatchEulerDiscreteScheduler"]
     order = 1
     history_size = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Make pipelines saved with ``cls`` loadable. ``save_pretrained`` names a component from outside diffusers
+        by its module (``["difflab.samplers.momentum", "GHVBScheduler"]`` in model_index.json), and diffusers'
+        loader then looks up ``SchedulerMixin`` in that module to learn how to load the class; so the module must
+        hold that name (and be imported: ``import difflab`` imports every difflab scheduler module)."""
+        super().__init_subclass__(**kwargs)
+        module = sys.modules.get(cls.__module__)
+        if module is not None and not hasattr(module, "SchedulerMixin"):
+            module.SchedulerMixin = SchedulerMixin
 
     @scheduler_config
     def __init__(self, **common: Any):

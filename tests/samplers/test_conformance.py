@@ -7,6 +7,9 @@ runs inside tiny offline StableDiffusion, SDXL, SD3, Flux and DDPM pipelines.
 """
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -221,3 +224,28 @@ def test_runs_inside_tiny_pipeline(name, pipeline):
     assert np.isfinite(images).all()
     assert counter.calls == pipe.scheduler.nfe == 3 * pipe.scheduler.order
     assert pipe.scheduler.step_index == 3
+
+
+RELOAD_SAVED_PIPELINES = textwrap.dedent("""
+    import sys
+    import difflab  # the only difflab import before loading: it must make the saved schedulers loadable
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    root = sys.argv[1]
+    for name in sys.argv[2:]:
+        for loader in (DiffusionPipeline, StableDiffusionPipeline):
+            pipe = loader.from_pretrained(f"{root}/{name}", safety_checker=None, requires_safety_checker=False)
+            print(name, type(pipe.scheduler).__name__, pipe.scheduler.config.prediction_type)
+""")
+
+
+def test_pipelines_saved_with_a_difflab_scheduler_load_back(tmp_path):
+    """diffusers' loader finds a difflab scheduler named in model_index.json once `import difflab` ran."""
+    pipe = TINY_PIPELINES["sd"]()
+    for name in ALL:
+        pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config, prediction_type="v_prediction")
+        pipe.save_pretrained(tmp_path / name)
+    proc = subprocess.run([sys.executable, "-c", RELOAD_SAVED_PIPELINES, str(tmp_path), *ALL], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = [f"{name} {SCHEDULERS[name].__name__} v_prediction" for name in ALL for _ in range(2)]
+    assert proc.stdout.splitlines() == expected
