@@ -9,7 +9,8 @@ difflab.distill.align {awm,ddpo} ...`` or ``accelerate launch -m difflab.distill
   (:mod:`difflab.distill.ddpo`), sharing rollouts, rewards, advantages and logging with AWM.
 
 Models: ``--model digits-flow`` / ``digits-ddpm`` / a DigitsPipeline directory (rollouts with the
-pipeline's own scheduler; ``--label`` = a class or ``null`` for the unconditional prompt), or ``--model
+pipeline's own scheduler, or for AWM any difflab / diffusers one by ``--scheduler``; ``--label`` = a class
+or ``null`` for the unconditional prompt), or ``--model
 mixture`` (the 2-D ring of 8 unequal modes, an MLP fitted to its exact denoiser). Rewards: ``--reward
 class:3``, ``ink``, ``region:X,Y,R``, or weighted sums (``class:3*1+ink*0.5``); see
 :func:`~difflab.distill.rewards.build_reward`. Full fine-tuning, or LoRA adapters (``--lora_rank``,
@@ -88,6 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add("--teacher_steps", type=int, default=2000, help="Mixture: steps of the MLP fit to the exact denoiser.")
     add("--no_progress", action="store_true")
     add_tracking_arguments(parser)
+    add("--scheduler", default=None,
+        help="AWM: the sampler of the rollouts and validations, by difflab or diffusers name (dpm++2m, unipc, usf, "
+             "DEISMultistepScheduler, ...); it keeps the model's noise schedule, and the aligned pipeline is saved "
+             "with it. Default: the model's own scheduler. DDPO always rolls out with its stochastic step.")
     if method == "awm":
         add("--train_timesteps", type=int, default=d.train_timesteps, help="Training timesteps K per sample.")
         add("--skip_last_fraction", type=float, default=d.skip_last_fraction,
@@ -128,6 +133,9 @@ def build_config(args: argparse.Namespace):
     else:
         config = AlignConfig(**common, eta=args.eta, clip_range=args.clip_range, ddpo_kl_beta=args.kl_beta)
     config.validate()
+    if args.method == "ddpo" and args.scheduler:
+        raise ValueError("--scheduler applies to awm: DDPO needs the log-likelihood of every step, so it rolls out "
+                         "with its own stochastic DDIM-eta step on the model's timestep grid; drop --scheduler.")
     if args.validation_steps < 0 or args.lora_rank < 0:
         raise ValueError("--validation_steps and --lora_rank must be >= 0.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
@@ -136,7 +144,27 @@ def build_config(args: argparse.Namespace):
 
 
 def build_problem(args: argparse.Namespace):
-    """The AlignProblem of ``--model`` with ``--reward`` and ``--label``."""
+    """The AlignProblem of ``--model`` with ``--reward``, ``--label`` and (AWM) the rollout ``--scheduler``."""
+    problem = _model_problem(args)
+    if args.scheduler:
+        use_rollout_scheduler(problem, args.scheduler)
+    return problem
+
+
+def use_rollout_scheduler(problem, name: str) -> None:
+    """Roll out (and validate) ``problem`` with the scheduler ``name`` on the model's own noise schedule.
+
+    AWM trains on the clean samples alone, so any sampler may produce them; its training timesteps come from
+    this scheduler's grid. ValueError (with the known names) for an unknown name.
+    """
+    from ..samplers import get_scheduler
+
+    config = dict(problem.make_scheduler().config)
+    get_scheduler(name, config)  # an unknown name or a mismatched model fails here, before any work
+    problem.make_scheduler = lambda: get_scheduler(name, config)
+
+
+def _model_problem(args: argparse.Namespace):
     from .aligner import digits_problem, mixture_problem
     from .rewards import CompositeReward, DigitsClassReward, build_reward
 
@@ -221,7 +249,8 @@ def save_result(output_dir: Path, args: argparse.Namespace, state, problem) -> N
         from .nets import inner_module
         from .pipelines import with_components
 
-        with_components(problem.pipeline, unet=inner_module(net)).save_pretrained(output_dir)
+        with_components(problem.pipeline, unet=inner_module(net), scheduler=problem.make_scheduler()).save_pretrained(
+            output_dir)
         return
     if args.model == "mixture":
         from safetensors.torch import save_file
@@ -283,7 +312,8 @@ def run_settings(args: argparse.Namespace, config, problem) -> dict[str, Any]:
     model, reward (as resolved: a default and the same reward spelled out agree), label, prompts, LoRA rank
     and every hyper-parameter but the length and checkpointing."""
     hyper = {k: v for k, v in asdict(config).items() if k not in ("max_train_steps", "checkpointing_steps")}
-    run = {k: getattr(args, k, None) for k in ("method", "model", "label", "prompts", "lora_rank", "teacher_steps")}
+    run = {k: getattr(args, k, None)
+           for k in ("method", "model", "label", "prompts", "lora_rank", "teacher_steps", "scheduler")}
     return json.loads(json.dumps({**run, "reward": repr(problem.reward), **hyper}))
 
 
@@ -298,13 +328,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = build_config(args)
     output_dir = Path(args.output_dir)
     resume = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=cpu_without_cuda(),
-                              **accelerator_tracking_kwargs(args))
+    tracking = accelerator_tracking_kwargs(args)
+    problem = build_problem(args)  # bad --model / --reward / --scheduler: an error before anything is written
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=cpu_without_cuda(), **tracking)
     runtime = Runtime.from_accelerator(accelerator)
     if runtime.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
     start_tracking(accelerator, f"difflab-align-{args.method}", args)
-    problem = build_problem(args)
     problem.to(accelerator.device)
     state = build_state(problem, config, args.lora_rank)
     if resume is not None:

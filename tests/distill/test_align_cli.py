@@ -71,6 +71,27 @@ def test_digits_run_writes_a_pipeline_directory(tmp_path, lora):
         assert all(k.endswith(".weight") and "conv" not in k for k in changed)
 
 
+def test_awm_rolls_out_with_the_chosen_scheduler(tmp_path):
+    from difflab.distill.align import build_parser, build_problem
+    from difflab.distill.rollout import ode_rollout
+    from difflab.models import load
+
+    args = build_parser().parse_args(["awm", "--output_dir", str(tmp_path), "--model", "digits-ddpm",
+                                      "--scheduler", "unipc"])
+    problem = build_problem(args)
+    scheduler = problem.make_scheduler()
+    assert type(scheduler).__name__ == "UniPCMultistepScheduler"
+    assert scheduler.config.beta_schedule == "linear" and scheduler.config.beta_end == 0.02  # the model's schedule
+    default = build_problem(build_parser().parse_args(["awm", "--output_dir", str(tmp_path), "--model", "digits-ddpm"]))
+    rollouts = [ode_rollout(p.net, p.make_scheduler(), 4, torch.full((2,), 10), (2, 1, 16, 16),
+                            torch.Generator().manual_seed(0))[0] for p in (problem, default)]
+    assert (rollouts[0] - rollouts[1]).abs().max() > 1e-3  # the rollouts really use it
+    _cli("awm", tmp_path / "run", *DIGITS, "--scheduler", "dpm++2m")
+    assert json.loads((tmp_path / "run" / "run_settings.json").read_text())["scheduler"] == "dpm++2m"
+    pipe = load(tmp_path / "run")
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler" and pipe.scheduler.config.use_flow_sigmas
+
+
 def test_ddpo_on_digits_ddpm(tmp_path):
     _cli("ddpo", tmp_path, *DIGITS, "--model", "digits-ddpm", "--reward", "ink", "--label", "7")
     assert json.loads((tmp_path / "train_summary.json").read_text())["finished"]
@@ -81,10 +102,16 @@ def test_errors_are_messages(tmp_path, capsys):
                            (["--num_inference_steps", "2"], "num_inference_steps must be >= 3"),
                            (["--model", "digits-classifier"], "is not a diffusion pipeline"),
                            (["--resume_from_checkpoint", str(tmp_path / "none")], "is not a checkpoint directory"),
-                           (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be >= 1")]:
+                           (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be >= 1"),
+                           (["--scheduler", "dpm++"], "Unknown scheduler 'dpm++'"),
+                           (["--scheduler", "ddim"], "has no flow-matching mode")]:
         with pytest.raises(SystemExit) as info:
             _cli("awm", tmp_path / "x", *DIGITS, *extra)
         assert info.value.code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()  # nothing written before the error
+    with pytest.raises(SystemExit):
+        _cli("ddpo", tmp_path / "x", *DIGITS, "--scheduler", "unipc")
+    assert "--scheduler applies to awm" in capsys.readouterr().err
     _cli("ddpo", tmp_path / "m", *MIXTURE, "--stop_after_steps", "2")
     with pytest.raises(SystemExit):
         _cli("awm", tmp_path / "m", *MIXTURE, "--resume_from_checkpoint", "latest")

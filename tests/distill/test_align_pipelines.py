@@ -53,12 +53,14 @@ def test_text_rewards_see_decoded_images_and_the_prompts_in_turn():
 def test_cli_aligns_a_stable_diffusion_pipeline(saved, tmp_path, method):
     main(["align", method, "--model", str(saved / "sd"), "--prompts", str(saved / "prompts.txt"), "--reward", "ink",
           "--output_dir", str(tmp_path), "--max_train_steps", "2", "--validation_steps", "2", *SMALL[:6],
-          *(SMALL[6:8] if method == "awm" else []), *SMALL[8:]])
+          *(SMALL[6:8] + ["--scheduler", "ghvb"] if method == "awm" else []), *SMALL[8:]])
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["finished"] and "eval_reward[a cat]" in summary["final"]
     assert (tmp_path / "validation-2.png").is_file()
     aligned = StableDiffusionPipeline.from_pretrained(tmp_path, safety_checker=None, requires_safety_checker=False)
     base = tiny_sd_pipeline()
+    # AWM rolled out with difflab's GHVB and saved the pipeline with it; DDPO keeps the pipeline's own
+    assert type(aligned.scheduler).__name__ == ("GHVBScheduler" if method == "awm" else type(base.scheduler).__name__)
     assert max((a - b).abs().max().item() for a, b in zip(aligned.unet.parameters(), base.unet.parameters())) > 0
     assert aligned(PROMPTS[0], num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
 
