@@ -16,6 +16,11 @@ def test_help_lists_commands(capsys):
     assert "sample" in out and "bench" in out
 
 
+def test_python_dash_m_difflab_is_the_cli():
+    proc = subprocess.run([sys.executable, "-m", "difflab", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: difflab") and "align" in proc.stdout
+
+
 def test_bench_samplers_quick_table(tmp_path, capsys):
     main(["bench", "samplers", "--quick", "--out", str(tmp_path / "samplers.md")])
     out = capsys.readouterr().out
