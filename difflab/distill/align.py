@@ -18,7 +18,8 @@ needs ``peft``).
 
 Conventions of the diffusers ``examples/`` trainers: ``--output_dir``, ``--max_train_steps`` (rollout +
 update rounds), ``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--resume_from_checkpoint
-latest``, ``--seed``, ``--mixed_precision`` (``bf16``: rollouts and losses under bfloat16 autocast,
+latest``, ``--seed``, ``--train_batch_size`` / ``--sample_batch_size`` (micro-batches for memory; gradients
+accumulate into the round's single update), ``--mixed_precision`` (``bf16``: rollouts and losses under bfloat16 autocast,
 float32 weights), ``--report_to`` (rewards, losses and validation to accelerate's trackers, e.g.
 tensorboard); each process draws its own groups; advantages use the all-reduced reward std; gradients
 are all-reduced by the DDP wrapper of ``accelerator.prepare``. Every ``--validation_steps``
@@ -71,6 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add("--lr_warmup_steps", type=int, default=d.lr_warmup_steps,
         help="Rounds of linear learning-rate warmup (0: none). One full-size first Adam step can wreck an eps model "
              "with linear betas (digits-ddpm at 3e-4: every sample black after round 1); 3 rounds avoid it.")
+    add("--train_batch_size", type=int, default=None,
+        help="Memory: rows (sample x training timestep for AWM, sample x step for DDPO) per backward pass; the "
+             "gradients of all rows accumulate into the round's one update, so the result does not change (up to "
+             "float rounding). Default: all rows at once.")
+    add("--sample_batch_size", type=int, default=None,
+        help="Memory: samples per network call in rollouts and validations (the same samples for an ODE "
+             "sampler). Default: all at once.")
     add("--adam_weight_decay", type=float, default=d.weight_decay)
     add("--max_grad_norm", type=float, default=d.max_grad_norm, help="Gradient clipping norm (0 disables).")
     add("--advantage_std", choices=("global", "group", "none"), default=d.advantage_std,
@@ -125,7 +133,7 @@ def build_config(args: argparse.Namespace):
                   learning_rate=args.learning_rate, lr_warmup_steps=args.lr_warmup_steps,
                   weight_decay=args.adam_weight_decay,
                   max_grad_norm=args.max_grad_norm, advantage_std=args.advantage_std, seed=args.seed,
-                  checkpointing_steps=args.checkpointing_steps)
+                  checkpointing_steps=args.checkpointing_steps, train_batch_size=args.train_batch_size)
     if args.method == "awm":
         config = AlignConfig(**common, train_timesteps=args.train_timesteps, weighting=args.weighting,
                              skip_last_fraction=args.skip_last_fraction,
@@ -136,6 +144,8 @@ def build_config(args: argparse.Namespace):
     if args.method == "ddpo" and args.scheduler:
         raise ValueError("--scheduler applies to awm: DDPO needs the log-likelihood of every step, so it rolls out "
                          "with its own stochastic DDIM-eta step on the model's timestep grid; drop --scheduler.")
+    if args.sample_batch_size is not None and args.sample_batch_size < 1:
+        raise ValueError(f"--sample_batch_size must be >= 1, got {args.sample_batch_size}.")
     if args.validation_steps < 0 or args.lora_rank < 0:
         raise ValueError("--validation_steps and --lora_rank must be >= 0.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
@@ -146,6 +156,7 @@ def build_config(args: argparse.Namespace):
 def build_problem(args: argparse.Namespace):
     """The AlignProblem of ``--model`` with ``--reward``, ``--label`` and (AWM) the rollout ``--scheduler``."""
     problem = _model_problem(args)
+    problem.sample_batch_size = args.sample_batch_size
     if args.scheduler:
         use_rollout_scheduler(problem, args.scheduler)
     return problem
@@ -310,8 +321,9 @@ def validate(state, problem, args: argparse.Namespace, output_dir: Path) -> dict
 def run_settings(args: argparse.Namespace, config, problem) -> dict[str, Any]:
     """What decides an alignment run's trajectory (recorded in ``output_dir/run_settings.json``): the method,
     model, reward (as resolved: a default and the same reward spelled out agree), label, prompts, LoRA rank
-    and every hyper-parameter but the length and checkpointing."""
-    hyper = {k: v for k, v in asdict(config).items() if k not in ("max_train_steps", "checkpointing_steps")}
+    and every hyper-parameter but the length, checkpointing and the micro-batch size (which only sets memory)."""
+    hyper = {k: v for k, v in asdict(config).items()
+             if k not in ("max_train_steps", "checkpointing_steps", "train_batch_size")}
     run = {k: getattr(args, k, None)
            for k in ("method", "model", "label", "prompts", "lora_rank", "teacher_steps", "scheduler")}
     return json.loads(json.dumps({**run, "reward": repr(problem.reward), **hyper}))

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,8 @@ import torch
 from torch import nn
 
 from ..schedule import NoiseSchedule
-from .awm import WEIGHTINGS, awm_loss
-from .ddpo import ddpo_loss, trainable_steps
+from .awm import WEIGHTINGS, awm_rows, awm_rows_loss
+from .ddpo import ddpo_rows, ddpo_rows_loss, trainable_steps
 from .engine import global_mean, step_generator
 from .loop import Runtime, check_finite
 from .rewards import Reward, group_advantages
@@ -67,14 +68,15 @@ class AlignConfig:
     ddpo_kl_beta: float = 0.0
     seed: int = 0
     checkpointing_steps: int = 50
+    train_batch_size: int | None = None  # rows (sample x training step) per backward pass; None: all at once
 
     def validate(self) -> None:
         """ValueError naming the setting when one is out of range."""
         if self.method not in METHODS:
             raise ValueError(f"unknown alignment method {self.method!r}; use one of {', '.join(METHODS)}.")
         for name in ("max_train_steps", "num_groups", "group_size", "num_inference_steps", "train_timesteps",
-                     "checkpointing_steps"):
-            if getattr(self, name) < 1:
+                     "checkpointing_steps", "train_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.num_inference_steps < 3:
             raise ValueError(f"num_inference_steps must be >= 3 (AWM skips the first step and the last 10%), "
@@ -118,6 +120,7 @@ class AlignProblem:
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # model space -> images (a VAE), or identity
     prompts: list[str] | None = None  # text pipelines: group_labels index these
     pipeline: Any = None  # diffusers pipelines: the pipeline the aligned UNet is saved into
+    sample_batch_size: int | None = None  # samples per network call in rollouts and evaluations (None: all)
 
     def labels(self, num_groups: int, group_size: int, rank: int = 0, round_index: int = 0,
                num_processes: int = 1) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -218,34 +221,37 @@ def align_iteration(state: AlignState, problem: AlignProblem, config: AlignConfi
     state.policy.eval()
     with runtime.autocast():
         if config.method == "awm":
-            x0, grid = ode_rollout(state.policy, scheduler, config.num_inference_steps, labels, shape, g)
+            x0, grid = ode_rollout(state.policy, scheduler, config.num_inference_steps, labels, shape, g,
+                                   problem.sample_batch_size)
         else:
             scheduler.set_timesteps(config.num_inference_steps)
             grid = scheduler.timesteps.detach().float().cpu()
             trajectory = sde_rollout(state.policy, problem.schedule, problem.prediction_type, grid, labels, shape,
-                                     g, config.eta)
+                                     g, config.eta, problem.sample_batch_size)
             x0 = trajectory.final
     x0 = x0.float()  # diffusers schedulers return the model output's dtype (bfloat16 under autocast)
     rewards = problem.rewards(x0, labels).double().cpu()
     advantages = group_advantages(rewards, groups, config.advantage_std, config.advantage_clip, config.advantage_max)
     state.policy.train()
     trained = runtime.train_view(state.policy)
-    with runtime.autocast():
-        if config.method == "awm":
-            steps = training_timestep_indices(len(grid), config.train_timesteps, g, config.skip_last_fraction)
-            terms = awm_loss(trained, problem.schedule, problem.prediction_type, x0, labels,
-                             advantages.to(x0.device), grid[steps], g, config.weighting, state.reference,
-                             config.kl_beta, state.anchor, config.ema_beta)
-            parts = {"policy_loss": terms.policy, "kl": terms.kl, "ema_kl": terms.ema_kl, "mse": terms.mse}
-        else:
-            terms = ddpo_loss(trained, problem.schedule, problem.prediction_type, trajectory, labels,
-                              advantages.to(x0.device), trainable_steps(trajectory), config.clip_range,
-                              state.reference, config.ddpo_kl_beta)
-            parts = {"policy_loss": terms.policy, "kl": terms.kl, "clip_fraction": terms.clip_fraction}
+    if config.method == "awm":
+        steps = training_timestep_indices(len(grid), config.train_timesteps, g, config.skip_last_fraction)
+        rows = awm_rows(problem.schedule, problem.prediction_type, x0, labels, advantages.to(x0.device),
+                        grid[steps], g)
+
+        def loss_of(part):
+            return awm_rows_loss(trained, part, config.weighting, state.reference, config.kl_beta, state.anchor,
+                                 config.ema_beta)
+    else:
+        rows = ddpo_rows(problem.schedule, trajectory, labels, advantages.to(x0.device), trainable_steps(trajectory))
+
+        def loss_of(part):
+            return ddpo_rows_loss(trained, problem.schedule, problem.prediction_type, part, config.clip_range,
+                                  state.reference, config.ddpo_kl_beta)
     state.optimizer.zero_grad(set_to_none=True)
     for group in state.optimizer.param_groups:
         group["lr"] = config.learning_rate_at(state.step)
-    terms.loss.backward()
+    parts = accumulate_gradients(trained, rows, loss_of, config.train_batch_size, runtime)
     grad_norm = _clip(state.policy, config.max_grad_norm)
     state.optimizer.step()
     state.step += 1
@@ -256,6 +262,42 @@ def align_iteration(state: AlignState, problem: AlignProblem, config: AlignConfi
              "zero_advantage": (advantages == 0).double().mean().item(), **parts}
     check_finite(stats, state.step - 1)
     return stats
+
+
+def accumulate_gradients(model: nn.Module, rows: Any, loss_of: Callable[[Any], Any], micro_batch: int | None,
+                         runtime: Runtime) -> dict[str, float]:
+    """Back-propagate the mean loss over ``rows`` in micro-batches of ``micro_batch`` rows (None: all at once).
+
+    Each micro-batch's mean loss is weighted by its share of the rows, so the accumulated gradient is that of
+    the whole batch (up to float rounding) while only one micro-batch's activations are held; processes
+    all-reduce once, after the last backward. Returns the row-weighted mean of each logged term.
+    """
+    n = len(rows)
+    chunks = torch.arange(n).split(micro_batch or n)
+    stats: dict[str, float] = {}
+    for i, index in enumerate(chunks):
+        share = len(index) / n
+        last = i == len(chunks) - 1
+        with (nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()):
+            with runtime.autocast():
+                terms = loss_of(select_rows(rows, index))
+            (terms.loss * share).backward()
+        for name, value in terms.stats().items():
+            stats[name] = stats.get(name, 0.0) + share * value
+    return stats
+
+
+def select_rows(rows: Any, index: torch.Tensor) -> Any:
+    """The rows ``index`` of a rows dataclass (:class:`~difflab.distill.awm.AWMRows`, ``DDPORows``): every tensor
+    field (and each tensor of a tuple field) indexed along its first dimension; None stays None."""
+    def pick(value):
+        if value is None:
+            return None
+        if isinstance(value, tuple):
+            return tuple(pick(v) for v in value)
+        return value[index.to(value.device)]
+
+    return replace(rows, **{f.name: pick(getattr(rows, f.name)) for f in fields(rows)})
 
 
 def _clip(module: nn.Module, max_norm: float) -> float:
@@ -311,7 +353,7 @@ def policy_samples(problem: AlignProblem, net: nn.Module, num_samples: int, step
     was_training = net.training
     net.eval()
     x0, _ = ode_rollout(net, problem.make_scheduler(), steps, labels, (num_samples, *problem.sample_shape),
-                        torch.Generator().manual_seed(seed))
+                        torch.Generator().manual_seed(seed), problem.sample_batch_size)
     net.train(was_training)
     return x0
 

@@ -42,6 +42,25 @@ class AWMTerms:
     ema_kl: float
     mse: float
 
+    def stats(self) -> dict[str, float]:
+        return {"policy_loss": self.policy, "kl": self.kl, "ema_kl": self.ema_kl, "mse": self.mse}
+
+
+@dataclass
+class AWMRows:
+    """The (sample, training timestep) pairs of one AWM update, one row each: the noised input ``x_t`` at
+    timestep ``t``, the pretraining ``target``, the labels, the sample's advantage and sigma_t."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    target: torch.Tensor
+    labels: torch.Tensor | None
+    advantages: torch.Tensor
+    sigma: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.x_t.shape[0]
+
 
 def weighting(mse: torch.Tensor, sigma: torch.Tensor, kind: str) -> torch.Tensor:
     """psi(l) of AWM: ``uniform`` l, or ``ghuber`` sigma_t ((l + 1e-10)^p - 1e-10^p) / p with p = 0.25."""
@@ -57,33 +76,46 @@ def _repeat(x: torch.Tensor | None, k: int) -> torch.Tensor | None:
     return None if x is None else x.repeat(k, *([1] * (x.ndim - 1)))
 
 
-def awm_loss(policy: nn.Module, schedule: NoiseSchedule, prediction_type: str, x0: torch.Tensor,
-             labels: torch.Tensor | None, advantages: torch.Tensor, timesteps: torch.Tensor,
-             generator: torch.Generator, weighting_kind: str = "ghuber", reference: nn.Module | None = None,
-             beta: float = 0.0, ema: nn.Module | None = None, ema_beta: float = 0.0) -> AWMTerms:
-    """The AWM loss of clean samples ``x0`` (B, ...) at the K training ``timesteps`` (one network call).
-
-    Every (sample, timestep) pair gets its own fresh noise; ``reference`` / ``ema`` (frozen, no grad) give
-    the velocity- (or eps-) MSE KL terms when ``beta`` / ``ema_beta`` are > 0.
-    """
+def awm_rows(schedule: NoiseSchedule, prediction_type: str, x0: torch.Tensor, labels: torch.Tensor | None,
+             advantages: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator) -> AWMRows:
+    """The K x B rows of clean samples ``x0`` (B, ...) at the K training ``timesteps``, each (sample, timestep)
+    pair with its own fresh noise (all drawn here, in one call, so any split of the rows gives the same update)."""
     k, b = len(timesteps), x0.shape[0]
     x0_k = _repeat(x0.detach(), k)
     t = timesteps.double().repeat_interleave(b)
     eps = torch.randn(x0_k.shape, generator=generator).to(x0_k)
     x_t = schedule.add_noise(x0_k.double(), eps.double(), t).to(x0.dtype)
     target = schedule.training_target(x0_k.double(), eps.double(), t, prediction_type)
-    labels_k = _repeat(labels, k)
-    out = denoise(policy, x_t, t.float(), labels_k)
-    mse = ((out.double() - target) ** 2).flatten(1).mean(1)  # l_i(t), float64 as the reference code
     _, sigma = schedule.alpha_sigma(t)
-    policy_term = (_repeat(advantages.double(), k) * weighting(mse, sigma.to(mse.device), weighting_kind)).mean()
+    return AWMRows(x_t, t, target, _repeat(labels, k), _repeat(advantages.double(), k), sigma)
+
+
+def awm_rows_loss(policy: nn.Module, rows: AWMRows, weighting_kind: str = "ghuber", reference: nn.Module | None = None,
+                  beta: float = 0.0, ema: nn.Module | None = None, ema_beta: float = 0.0) -> AWMTerms:
+    """The AWM loss, a mean over ``rows`` (one network call each for the policy, reference and EMA anchor).
+
+    ``reference`` / ``ema`` (frozen, no grad) give the velocity- (or eps-) MSE KL terms when ``beta`` /
+    ``ema_beta`` are > 0.
+    """
+    out = denoise(policy, rows.x_t, rows.t.float(), rows.labels)
+    mse = ((out.double() - rows.target.to(out.device)) ** 2).flatten(1).mean(1)  # l_i(t), float64 as the reference
+    policy_term = (rows.advantages.to(mse.device) * weighting(mse, rows.sigma.to(mse.device), weighting_kind)).mean()
     loss, kl, ema_kl = policy_term, 0.0, 0.0
     for module, weight, name in ((reference, beta, "kl"), (ema, ema_beta, "ema_kl")):
         if module is None or weight <= 0:
             continue
         with torch.no_grad():
-            anchor = denoise(module, x_t, t.float(), labels_k)
+            anchor = denoise(module, rows.x_t, rows.t.float(), rows.labels)
         term = ((out.double() - anchor.double()) ** 2).flatten(1).mean(1).mean()
         loss = loss + weight * term
         kl, ema_kl = (term.item(), ema_kl) if name == "kl" else (kl, term.item())
     return AWMTerms(loss.float(), policy_term.item(), kl, ema_kl, mse.mean().item())
+
+
+def awm_loss(policy: nn.Module, schedule: NoiseSchedule, prediction_type: str, x0: torch.Tensor,
+             labels: torch.Tensor | None, advantages: torch.Tensor, timesteps: torch.Tensor,
+             generator: torch.Generator, weighting_kind: str = "ghuber", reference: nn.Module | None = None,
+             beta: float = 0.0, ema: nn.Module | None = None, ema_beta: float = 0.0) -> AWMTerms:
+    """The AWM loss of clean samples ``x0`` (B, ...) at the K training ``timesteps``, all rows at once."""
+    rows = awm_rows(schedule, prediction_type, x0, labels, advantages, timesteps, generator)
+    return awm_rows_loss(policy, rows, weighting_kind, reference, beta, ema, ema_beta)

@@ -39,18 +39,28 @@ def _check_finite(out: torch.Tensor, step: int, t: torch.Tensor) -> None:
 
 @torch.no_grad()
 def ode_rollout(net: nn.Module, scheduler, num_inference_steps: int, labels: torch.Tensor | None,
-                shape: tuple[int, ...], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x0, timesteps)``: final samples of ``scheduler`` run for ``num_inference_steps``, and its grid."""
+                shape: tuple[int, ...], generator: torch.Generator,
+                batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x0, timesteps)``: final samples of ``scheduler`` run for ``num_inference_steps``, and its grid.
+
+    ``batch_size`` samples go through the network at a time (None: all); the starting noise of all samples is
+    drawn first, so a deterministic sampler gives the same samples for any ``batch_size``.
+    """
     scheduler.set_timesteps(num_inference_steps)
     device = next(net.parameters()).device
-    x = torch.randn(shape, generator=generator).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
+    x_start = torch.randn(shape, generator=generator).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    for i, t in enumerate(scheduler.timesteps):
-        model_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-        out = denoise(net, model_in, t.float(), labels)
-        _check_finite(out, i, t)
-        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
-    return x.detach(), scheduler.timesteps.detach().float().cpu()
+    finals = []
+    for index in torch.arange(shape[0]).split(batch_size or shape[0]):
+        scheduler.set_timesteps(num_inference_steps)  # a fresh sampler state for each batch
+        x, part = x_start[index.to(device)], None if labels is None else labels[index.to(labels.device)]
+        for i, t in enumerate(scheduler.timesteps):
+            model_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+            out = denoise(net, model_in, t.float(), part)
+            _check_finite(out, i, t)
+            x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+        finals.append(x)
+    return torch.cat(finals).detach(), scheduler.timesteps.detach().float().cpu()
 
 
 def training_timestep_indices(num_steps: int, k: int, generator: torch.Generator,
@@ -120,22 +130,32 @@ def step_log_prob(x_next: torch.Tensor, mean: torch.Tensor, noise_std: torch.Ten
 @torch.no_grad()
 def sde_rollout(net: nn.Module, schedule: NoiseSchedule, prediction_type: str, timesteps: torch.Tensor,
                 labels: torch.Tensor | None, shape: tuple[int, ...], generator: torch.Generator,
-                eta: float = 1.0) -> Trajectory:
-    """Stochastic DDIM-eta sampling on the grid ``timesteps`` (then to the clean end), recording log pi."""
+                eta: float = 1.0, batch_size: int | None = None) -> Trajectory:
+    """Stochastic DDIM-eta sampling on the grid ``timesteps`` (then to the clean end), recording log pi.
+
+    ``batch_size`` samples go through the network at a time (None: all); every draw (the starting noise, then
+    each step's noise) is made first, for all samples, so the trajectory is the same for any ``batch_size``.
+    """
     device = next(net.parameters()).device
     alphas, sigmas = grid_levels(schedule, timesteps)
-    x = torch.randn(shape, generator=generator).to(device)
-    states, log_probs, stds = [x], [], []
-    for j, t in enumerate(timesteps):
-        level, level_next = (float(alphas[j]), float(sigmas[j])), (float(alphas[j + 1]), float(sigmas[j + 1]))
-        c = stochastic_noise_std(*level, *level_next, eta)
-        out = denoise(net, x, t.float(), labels)
-        _check_finite(out, j, t)
-        mean = step_mean(schedule, out, x, level, level_next, c, prediction_type)
-        x = mean + c * torch.randn(shape, generator=generator).to(device)
-        states.append(x)
-        log_probs.append(step_log_prob(x, mean, c) if c > 0 else torch.zeros(shape[0], dtype=torch.float64,
-                                                                              device=device))
-        stds.append(c)
-    return Trajectory(torch.stack(states), torch.stack(log_probs), timesteps.float(),
+    draws = [torch.randn(shape, generator=generator).to(device) for _ in range(len(timesteps) + 1)]
+    levels = [((float(alphas[j]), float(sigmas[j])), (float(alphas[j + 1]), float(sigmas[j + 1])))
+              for j in range(len(timesteps))]
+    stds = [stochastic_noise_std(*level, *level_next, eta) for level, level_next in levels]
+    states, log_probs = [], []
+    for index in torch.arange(shape[0]).split(batch_size or shape[0]):
+        index = index.to(device)
+        x, part = draws[0][index], None if labels is None else labels[index.to(labels.device)]
+        chunk_states, chunk_log_probs = [x], []
+        for j, t in enumerate(timesteps):
+            out = denoise(net, x, t.float(), part)
+            _check_finite(out, j, t)
+            mean = step_mean(schedule, out, x, *levels[j], stds[j], prediction_type)
+            x = mean + stds[j] * draws[j + 1][index]
+            chunk_states.append(x)
+            chunk_log_probs.append(step_log_prob(x, mean, stds[j]) if stds[j] > 0
+                                   else torch.zeros(len(index), dtype=torch.float64, device=device))
+        states.append(torch.stack(chunk_states))
+        log_probs.append(torch.stack(chunk_log_probs))
+    return Trajectory(torch.cat(states, dim=1), torch.cat(log_probs, dim=1), timesteps.float(),
                       torch.tensor(stds, dtype=torch.float64))

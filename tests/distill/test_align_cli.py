@@ -104,6 +104,8 @@ def test_errors_are_messages(tmp_path, capsys):
                            (["--resume_from_checkpoint", str(tmp_path / "none")], "is not a checkpoint directory"),
                            (["--checkpoints_total_limit", "0"], "--checkpoints_total_limit must be >= 1"),
                            (["--scheduler", "dpm++"], "Unknown scheduler 'dpm++'"),
+                           (["--train_batch_size", "0"], "train_batch_size must be >= 1"),
+                           (["--sample_batch_size", "0"], "--sample_batch_size must be >= 1"),
                            (["--scheduler", "ddim"], "has no flow-matching mode")]:
         with pytest.raises(SystemExit) as info:
             _cli("awm", tmp_path / "x", *DIGITS, *extra)
@@ -120,12 +122,14 @@ def test_errors_are_messages(tmp_path, capsys):
 
 LAUNCHES = {"cpu": ["--num_processes", "2", "--cpu"],
             "multi": ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no"]}
+MICRO_BATCHES = ["--train_batch_size", "7", "--sample_batch_size", "5"]  # two processes: no_sync until the last
 
 
 @pytest.mark.parametrize("launch", ["cpu", "multi"])
 def test_accelerate_launch(tmp_path, launch, accelerate_launch):
     proc = accelerate_launch(LAUNCHES[launch], ["-m", "difflab.distill.align", "awm", "--output_dir", str(tmp_path),
-                                                *MIXTURE], timeout=240)
+                                                *MIXTURE, *(MICRO_BATCHES if launch == "multi" else [])],
+                            timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     processes = 2 if launch == "multi" else 1

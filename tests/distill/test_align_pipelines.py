@@ -53,7 +53,8 @@ def test_text_rewards_see_decoded_images_and_the_prompts_in_turn():
 def test_cli_aligns_a_stable_diffusion_pipeline(saved, tmp_path, method):
     main(["align", method, "--model", str(saved / "sd"), "--prompts", str(saved / "prompts.txt"), "--reward", "ink",
           "--output_dir", str(tmp_path), "--max_train_steps", "2", "--validation_steps", "2", *SMALL[:6],
-          *(SMALL[6:8] + ["--scheduler", "ghvb"] if method == "awm" else []), *SMALL[8:]])
+          *(SMALL[6:8] + ["--scheduler", "ghvb"] if method == "awm" else []), *SMALL[8:],
+          "--train_batch_size", "3", "--sample_batch_size", "3"])  # memory flags: micro-batches of 3
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["finished"] and "eval_reward[a cat]" in summary["final"]
     assert (tmp_path / "validation-2.png").is_file()
