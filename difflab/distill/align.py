@@ -10,8 +10,9 @@ difflab.distill.align {awm,ddpo} ...`` or ``accelerate launch -m difflab.distill
 
 Models: ``--model digits-flow`` / ``digits-ddpm`` / a DigitsPipeline directory (rollouts with the
 pipeline's own scheduler, or for AWM any difflab / diffusers one by ``--scheduler``; ``--label`` = a class
-or ``null`` for the unconditional prompt), or ``--model
-mixture`` (the 2-D ring of 8 unequal modes, an MLP fitted to its exact denoiser). Rewards: ``--reward
+or ``null`` for the unconditional prompt), a diffusers DDPMPipeline, Stable Diffusion 1.x / 2.x or Stable
+Diffusion 3 directory (``--prompts``), or ``--model mixture`` (the 2-D ring of 8 unequal modes, an MLP
+fitted to its exact denoiser). Rewards: ``--reward
 class:3``, ``ink``, ``region:X,Y,R``, or weighted sums (``class:3*1+ink*0.5``); see
 :func:`~difflab.distill.rewards.build_reward`. Full fine-tuning, or LoRA adapters (``--lora_rank``,
 needs ``peft``).
@@ -57,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add = parser.add_argument
     add("--output_dir", required=True, help="Where checkpoints, validation grids and the aligned model go.")
     add("--model", default="digits-flow",
-        help="digits-flow, digits-ddpm, a DigitsPipeline directory, mixture, or a diffusers DDPMPipeline / Stable "
-             "Diffusion directory (with --prompts).")
+        help="digits-flow, digits-ddpm, a DigitsPipeline directory, mixture, or a diffusers DDPMPipeline, Stable "
+             "Diffusion 1.x / 2.x or Stable Diffusion 3 directory (text pipelines with --prompts).")
     add("--prompts", nargs="+", default=None,
         help="Text pipelines: the prompts (or one .txt file with a prompt per line); the groups take them in turn.")
     add("--reward", default=None, help="class:K, ink, region:X,Y,R or a weighted sum (default: class:3 for digits, "
@@ -260,8 +261,8 @@ def save_result(output_dir: Path, args: argparse.Namespace, state, problem) -> N
         from .nets import inner_module
         from .pipelines import with_components
 
-        with_components(problem.pipeline, unet=inner_module(net), scheduler=problem.make_scheduler()).save_pretrained(
-            output_dir)
+        components = {problem.component: inner_module(net), "scheduler": problem.make_scheduler()}
+        with_components(problem.pipeline, **components).save_pretrained(output_dir)
         return
     if args.model == "mixture":
         from safetensors.torch import save_file

@@ -10,9 +10,9 @@ so "reward per generated sample" compares the losses and nothing else.
 Problems (:class:`AlignProblem`): a built-in digits model (``digits-flow``, ``digits-ddpm`` or any
 DigitsPipeline directory; labels = one class or the null class), a 2-D Gaussian mixture whose
 denoiser is an MLP fitted to the exact one (:func:`mixture_problem`), where the ideal aligned
-distribution -- the mixture restricted to the reward region -- is known exactly, and diffusers UNet
-pipelines (:func:`pipeline_problem`: DDPMPipeline, or Stable Diffusion with a prompt list, whose
-latents are decoded by the VAE before the reward sees them; the reward gets the prompts).
+distribution -- the mixture restricted to the reward region -- is known exactly, and diffusers
+pipelines (:func:`pipeline_problem`: DDPMPipeline, or Stable Diffusion 1.x / 2.x / 3 with a prompt list,
+whose latents are decoded by the VAE before the reward sees them; the reward gets the prompts).
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ class AlignProblem:
     name: str = ""
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # model space -> images (a VAE), or identity
     prompts: list[str] | None = None  # text pipelines: group_labels index these
-    pipeline: Any = None  # diffusers pipelines: the pipeline the aligned UNet is saved into
+    pipeline: Any = None  # diffusers pipelines: the pipeline the aligned denoiser is saved into
+    component: str = "unet"  # the pipeline component the denoiser is ("transformer" for Stable Diffusion 3)
     sample_batch_size: int | None = None  # samples per network call in rollouts and evaluations (None: all)
 
     def labels(self, num_groups: int, group_size: int, rank: int = 0, round_index: int = 0,
@@ -374,31 +375,43 @@ def evaluate_digits_policy(problem: AlignProblem, net: nn.Module, steps: int, nu
 
 def pipeline_problem(pipeline: Any, reward: Reward, prompts: list[str] | None = None, eval_samples: int = 64,
                      name: str = "the pipeline") -> AlignProblem:
-    """A diffusers pipeline with a ``UNet2DModel`` (unconditional: DDPMPipeline) or a ``UNet2DConditionModel``
-    (Stable Diffusion; ``prompts`` needed, encoded once, the groups take them in turn). Rollouts run in the
-    UNet's space with the pipeline's own scheduler; the reward sees VAE-decoded images in [-1, 1] and the
+    """A diffusers pipeline with a ``UNet2DModel`` (unconditional: DDPMPipeline), a ``UNet2DConditionModel``
+    (Stable Diffusion 1.x / 2.x) or an ``SD3Transformer2DModel`` (Stable Diffusion 3, flow matching); text
+    pipelines need ``prompts``, encoded once, which the groups take in turn. Rollouts run in the denoiser's
+    (latent) space with the pipeline's own scheduler; the reward sees VAE-decoded images in [-1, 1] and the
     prompts."""
-    from .pipelines import decode_latents, is_text_pipeline, prompt_conditioned_unet
+    from .pipelines import (
+        decode_latents,
+        is_sd3_pipeline,
+        is_text_pipeline,
+        prompt_conditioned_transformer,
+        prompt_conditioned_unet,
+    )
 
-    text, unet = is_text_pipeline(pipeline, name), pipeline.unet
+    sd3 = is_sd3_pipeline(pipeline)
+    text = sd3 or is_text_pipeline(pipeline, name)
     if text and not prompts:
         raise ValueError(f"{name} is text-conditioned: pass the prompts to align it on (--prompts).")
     if not text and prompts:
         raise ValueError(f"{name} is unconditional: it takes no prompts; drop --prompts.")
     scheduler_config, scheduler_cls = dict(pipeline.scheduler.config), type(pipeline.scheduler)
-    schedule = NoiseSchedule.from_config(scheduler_config)
-    prediction_type = NoiseSchedule.model_prediction_type(scheduler_config)
-    net, group_labels = unet.float(), None
-    if text:
-        net = prompt_conditioned_unet(pipeline, net, prompts)
-        group_labels = torch.arange(len(prompts))
+    denoiser = pipeline.transformer if sd3 else pipeline.unet
+    if sd3:
+        net = prompt_conditioned_transformer(pipeline, prompts)
+    elif text:
+        net = prompt_conditioned_unet(pipeline, denoiser.float(), prompts)
+    else:
+        net = denoiser.float()
     vae = getattr(pipeline, "vae", None)
+    size = denoiser.config.sample_size
     problem = AlignProblem(
-        net=net, schedule=schedule, prediction_type=prediction_type,
+        net=net, schedule=NoiseSchedule.from_config(scheduler_config),
+        prediction_type=NoiseSchedule.model_prediction_type(scheduler_config),
         make_scheduler=lambda: scheduler_cls.from_config(scheduler_config),
-        sample_shape=(unet.config.in_channels, unet.config.sample_size, unet.config.sample_size), reward=reward,
-        group_labels=group_labels, name=name, decode=None if vae is None else lambda x: decode_latents(vae, x),
-        prompts=list(prompts) if text else None, pipeline=pipeline)
+        sample_shape=(denoiser.config.in_channels, size, size), reward=reward,
+        group_labels=torch.arange(len(prompts)) if text else None, name=name,
+        decode=None if vae is None else lambda x: decode_latents(vae, x), prompts=list(prompts) if text else None,
+        pipeline=pipeline, component="transformer" if sd3 else "unet")
     problem.evaluate = lambda net_, steps: evaluate_pipeline_policy(problem, net_, steps, eval_samples)
     return problem
 

@@ -68,6 +68,47 @@ class PromptConditionedUNet(nn.Module):
         return self.module(sample, timestep, encoder_hidden_states=embeds)
 
 
+class PromptConditionedTransformer(nn.Module):
+    """A Stable Diffusion 3 ``SD3Transformer2DModel`` called like a class-conditional UNet: ``class_labels``
+    index fixed tables of the prompts' token embeddings and pooled embeddings (rows: the prompts, then the
+    empty prompt), which the pipeline would otherwise pass as ``encoder_hidden_states`` and
+    ``pooled_projections``."""
+
+    def __init__(self, transformer: nn.Module, prompt_embeds: torch.Tensor, pooled_embeds: torch.Tensor):
+        super().__init__()
+        self.module = transformer
+        self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)  # the transformer's weights only
+        self.register_buffer("pooled_embeds", pooled_embeds, persistent=False)
+
+    @property
+    def null_label(self) -> int:
+        return len(self.prompt_embeds) - 1
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None,
+                **kwargs: Any):
+        if class_labels is None:
+            raise ValueError("a text-conditioned transformer needs prompt indices as class_labels.")
+        rows = class_labels.to(self.prompt_embeds.device)
+        return self.module(hidden_states=sample, timestep=timestep, encoder_hidden_states=self.prompt_embeds[rows],
+                           pooled_projections=self.pooled_embeds[rows])
+
+
+def is_sd3_pipeline(pipeline: Any) -> bool:
+    """Whether ``pipeline`` is a Stable Diffusion 3 pipeline (an ``SD3Transformer2DModel`` as ``transformer``)."""
+    from diffusers import SD3Transformer2DModel
+
+    return isinstance(getattr(pipeline, "transformer", None), SD3Transformer2DModel)
+
+
+@torch.no_grad()
+def prompt_conditioned_transformer(pipeline: Any, prompts: list[str]) -> PromptConditionedTransformer:
+    """The SD3 pipeline's transformer behind tables of the prompts' embeddings by its own ``encode_prompt``
+    (the empty prompt as the extra last row)."""
+    embeds, _, pooled, _ = pipeline.encode_prompt(list(prompts) + [""], None, None, device="cpu",
+                                                  num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return PromptConditionedTransformer(pipeline.transformer.float(), embeds.float(), pooled.float())
+
+
 def with_components(pipeline: Any, **components: Any) -> Any:
     """A new pipeline of ``pipeline``'s class with some components replaced (no safety-checker warning)."""
     kwargs = {**pipeline.components, **components}
@@ -150,9 +191,9 @@ def load_image_folder(folder: str | Path, size: int, channels: int, caption_colu
 
 @torch.no_grad()
 def encode_images(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """VAE latents ``latent_dist.mean * scaling_factor`` of images in [-1, 1] (batches of 16)."""
+    """VAE latents ``(latent_dist.mean - shift_factor) * scaling_factor`` of images in [-1, 1] (batches of 16)."""
     latents = [vae.encode(batch).latent_dist.mean for batch in images.split(ENCODE_BATCH)]
-    return torch.cat(latents) * vae.config.scaling_factor
+    return (torch.cat(latents) - _shift_factor(vae)) * vae.config.scaling_factor
 
 
 @torch.no_grad()
@@ -161,8 +202,13 @@ def decode_latents(vae: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
     the VAE decodes on its own device."""
     if vae is None:
         return x
-    batches = (b.to(vae.device) / vae.config.scaling_factor for b in x.split(ENCODE_BATCH))
+    batches = (b.to(vae.device) / vae.config.scaling_factor + _shift_factor(vae) for b in x.split(ENCODE_BATCH))
     return torch.cat([vae.decode(b).sample.to(x.device) for b in batches])
+
+
+def _shift_factor(vae: nn.Module) -> float:
+    """The latent shift of the VAE (SD3 / Flux: latents = (mean - shift) * scale; 0 for Stable Diffusion 1.x / 2.x)."""
+    return getattr(vae.config, "shift_factor", None) or 0.0
 
 
 @torch.no_grad()

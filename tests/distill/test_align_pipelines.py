@@ -1,14 +1,16 @@
-"""AWM / DDPO on diffusers UNet pipelines (tiny DDPM and Stable Diffusion built from configs)."""
+"""AWM / DDPO on diffusers pipelines (tiny DDPM, Stable Diffusion and Stable Diffusion 3 built from configs)."""
 
 import json
 
 import pytest
-from diffusers import DDPMPipeline, StableDiffusionPipeline
+import torch
+from diffusers import DDPMPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
 from difflab.cli import main
 from difflab.distill.aligner import AlignConfig, align_iteration, build_state, pipeline_problem
 from difflab.distill.rewards import InkReward
-from difflab.models.tiny import tiny_ddpm_pipeline, tiny_sd_pipeline
+from difflab.distill.rollout import ode_rollout
+from difflab.models.tiny import tiny_ddpm_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
 
 PROMPTS = ["a cat", "a dog", "a red square"]
 SMALL = ["--num_groups", "2", "--group_size", "2", "--num_inference_steps", "4", "--train_timesteps", "2",
@@ -20,6 +22,7 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("align_pipelines")
     tiny_ddpm_pipeline().save_pretrained(root / "ddpm")
     tiny_sd_pipeline().save_pretrained(root / "sd")
+    tiny_sd3_pipeline().save_pretrained(root / "sd3")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     return root
 
@@ -71,6 +74,36 @@ def test_cli_aligns_an_unconditional_ddpm_pipeline(saved, tmp_path):
           "--validation_steps", "1", *SMALL])
     assert json.loads((tmp_path / "train_summary.json").read_text())["reward"] == "ink"  # the default reward here
     assert isinstance(DDPMPipeline.from_pretrained(tmp_path), DDPMPipeline)
+
+
+def test_sd3_rollouts_are_the_pipelines_own_samples():
+    """The prompt-table transformer, rolled out with the pipeline's scheduler, gives the latents of
+    StableDiffusion3Pipeline itself (no guidance) for the same prompt and noise."""
+    pipe = tiny_sd3_pipeline()
+    problem = pipeline_problem(pipe, InkReward(), PROMPTS[:2])
+    assert problem.prediction_type == "flow_prediction" and problem.component == "transformer"
+    shape = (1, *problem.sample_shape)
+    ours, _ = ode_rollout(problem.net, problem.make_scheduler(), 4, torch.tensor([1]), shape,
+                          torch.Generator().manual_seed(0))
+    size = problem.sample_shape[1] * pipe.vae_scale_factor
+    theirs = pipe(PROMPTS[1], num_inference_steps=4, guidance_scale=1.0, height=size, width=size, output_type="latent",
+                  latents=torch.randn(shape, generator=torch.Generator().manual_seed(0))).images
+    assert theirs.abs().max() > 1 and (ours - theirs).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("method", ["awm", "ddpo"])
+def test_cli_aligns_a_stable_diffusion_3_pipeline(saved, tmp_path, method):
+    lora = ["--lora_rank", "4", "--learning_rate", "1e-2"] if method == "awm" else []
+    main(["align", method, "--model", str(saved / "sd3"), "--prompts", *PROMPTS[:2], "--output_dir", str(tmp_path),
+          "--max_train_steps", "2", "--validation_steps", "2", *SMALL[:6], *(SMALL[6:8] if method == "awm" else []),
+          *SMALL[8:], *lora])
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["finished"] and "eval_reward[a dog]" in summary["final"]
+    aligned = StableDiffusion3Pipeline.from_pretrained(tmp_path)
+    base = tiny_sd3_pipeline()
+    assert max((a - b).abs().max().item() for a, b in zip(aligned.transformer.parameters(),
+                                                           base.transformer.parameters())) > 0
+    assert aligned(PROMPTS[0], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
 
 
 def test_pipeline_alignment_errors_are_messages(saved, tmp_path, capsys):
