@@ -479,6 +479,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               **accelerator_tracking_kwargs(args))
     runtime = Runtime.from_accelerator(accelerator)
     progress = not args.no_progress
+    problem, mixture = build_problem(args, progress and runtime.is_main)  # a bad teacher or data: nothing written
+    if args.init_generator is not None:
+        set_initial_generator(problem, args)
     if runtime.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
     start_tracking(accelerator, f"difflab-distill-{args.method}", args)
@@ -487,9 +490,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     elif args.resume_from_checkpoint is not None:
         accelerator.print(f"No checkpoint found in {output_dir}; starting a new run.")
     record_run_settings(output_dir, run_settings(args, config), resume is not None, runtime, accelerator.print)
-    problem, mixture = build_problem(args, progress and runtime.is_main)
-    if args.init_generator is not None:
-        set_initial_generator(problem, args)
     if mixture is None:
         problem.to(accelerator.device)
     generator_timestep = set_generator_timestep(config, args, problem)

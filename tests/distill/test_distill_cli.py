@@ -72,6 +72,10 @@ def test_cli_errors_are_messages(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _cli("f-distill", tmp_path / "x", "--t_range", "0.5", "0.1")
     assert "--t_range" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli("f-distill", tmp_path / "x", "--model", "digits-classifier")  # not a teacher: nothing is written
+    assert "digits-classifier" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_mixture_run_without_matplotlib_stops_before_training(tmp_path, capsys, monkeypatch):
