@@ -80,6 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add("--sample_batch_size", type=int, default=None,
         help="Memory: samples per network call in rollouts and validations (the same samples for an ODE "
              "sampler). Default: all at once.")
+    add("--use_ema", action="store_true",
+        help="Keep an EMA of the policy weights (diffusers' EMAModel; the AWM reference code evaluates one): "
+             "validations and the saved model use it. Not the EMA anchor of AWM's loss (--ema_beta).")
+    add("--ema_decay", type=float, default=d.ema_decay,
+        help="Decay of the --use_ema weights, reached through the warmup (1 + k) / (10 + k) after k updates "
+             "(reference: 0.99).")
     add("--adam_weight_decay", type=float, default=d.weight_decay)
     add("--max_grad_norm", type=float, default=d.max_grad_norm, help="Gradient clipping norm (0 disables).")
     add("--advantage_std", choices=("global", "group", "none"), default=d.advantage_std,
@@ -134,7 +140,8 @@ def build_config(args: argparse.Namespace):
                   learning_rate=args.learning_rate, lr_warmup_steps=args.lr_warmup_steps,
                   weight_decay=args.adam_weight_decay,
                   max_grad_norm=args.max_grad_norm, advantage_std=args.advantage_std, seed=args.seed,
-                  checkpointing_steps=args.checkpointing_steps, train_batch_size=args.train_batch_size)
+                  checkpointing_steps=args.checkpointing_steps, train_batch_size=args.train_batch_size,
+                  use_ema=args.use_ema, ema_decay=args.ema_decay)
     if args.method == "awm":
         config = AlignConfig(**common, train_timesteps=args.train_timesteps, weighting=args.weighting,
                              skip_last_fraction=args.skip_last_fraction,
@@ -244,12 +251,14 @@ def merged_policy(state, problem) -> torch.nn.Module:
     net = state.policy
     if not any("lora_" in name for name, _ in net.named_parameters()):
         return net
-    for module in net.modules():
-        if hasattr(module, "merge") and hasattr(module, "lora_A"):
-            module.merge()
+    lora_layers = [m for m in net.modules() if hasattr(m, "merge") and hasattr(m, "lora_A")]
+    for module in lora_layers:
+        module.merge()
     weights = {k.replace(".base_layer.", "."): v for k, v in net.state_dict().items() if "lora_" not in k}
     plain = copy.deepcopy(state.reference)
     plain.load_state_dict(weights, strict=True)
+    for module in lora_layers:  # the policy itself stays as it was
+        module.unmerge()
     return plain
 
 
@@ -334,7 +343,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train with parsed ``args``; returns a summary dict."""
     from accelerate import Accelerator
 
-    from .aligner import align_iteration, build_state
+    from .aligner import align_iteration, build_state, evaluation_weights
     from .loop import Runtime, record_run_settings, write_checkpoint
     from .lowdim import resolve_checkpoint
 
@@ -370,7 +379,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stats = align_iteration(state, problem, config, runtime)
         entry = {"step": state.step, "samples": state.samples, **stats}
         if args.validation_steps and state.step % args.validation_steps == 0 and runtime.is_main:
-            entry.update(validate(state, problem, args, output_dir))
+            with evaluation_weights(state):
+                entry.update(validate(state, problem, args, output_dir))
         state.history.append(entry)
         runtime.log(entry, state.step)
         bar.update(1)
@@ -387,9 +397,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "num_processes": accelerator.num_processes}
     accelerator.wait_for_everyone()
     if done and runtime.is_main:
-        final = validate(state, problem, args, output_dir)
+        with evaluation_weights(state):
+            final = validate(state, problem, args, output_dir)
+            save_result(output_dir, args, state, problem)
         runtime.log(final, state.step)
-        save_result(output_dir, args, state, problem)
         summary["final"] = final
         with open(output_dir / "train_summary.json", "w") as f:
             json.dump({**summary, "history": state.history, "config": asdict(config), "args": vars(args)}, f,

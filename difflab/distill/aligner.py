@@ -18,8 +18,8 @@ whose latents are decoded by the VAE before the reward sees them; the reward get
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,11 @@ class AlignConfig:
     ema_beta: float = 1.0
     ema_decay_max: float = 0.3  # anchor decay min(ema_decay_max, ema_decay_ramp * step)
     ema_decay_ramp: float = 0.001
+    # evaluation EMA of the policy weights (diffusers' --use_ema; not the anchor above): validations and the
+    # saved model use it. Decay min(ema_decay, (1 + k) / (10 + k)) after k earlier updates (the first update
+    # copies), as diffusers' EMAModel and the AWM reference code (0.99) have it.
+    use_ema: bool = False
+    ema_decay: float = 0.99
     # DDPO
     eta: float = 1.0
     clip_range: float = 1e-4
@@ -87,6 +92,8 @@ class AlignConfig:
             raise ValueError(f"unknown AWM weighting {self.weighting!r}; use one of {', '.join(WEIGHTINGS)}.")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
         if self.lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}.")
         if self.eta <= 0 and self.method == "ddpo":
@@ -152,7 +159,8 @@ class AlignProblem:
 
 @dataclass
 class AlignState:
-    """Everything a checkpoint holds: policy, frozen reference, EMA anchor, optimizer, counters, history."""
+    """Everything a checkpoint holds: policy, frozen reference, EMA anchor, optimizer, counters, history, and
+    the evaluation EMA (``diffusers.training_utils.EMAModel`` of the policy's parameters) with ``use_ema``."""
 
     policy: nn.Module
     reference: nn.Module
@@ -161,17 +169,39 @@ class AlignState:
     step: int = 0
     samples: int = 0
     history: list[dict] = field(default_factory=list)
+    ema: Any = None
 
     def state_dict(self) -> dict:
         return {"policy": self.policy.state_dict(), "anchor": self.anchor.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step, "samples": self.samples,
-                "history": self.history}
+                "history": self.history, "ema": None if self.ema is None else self.ema.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        if (self.ema is None) != (state.get("ema") is None):
+            raise ValueError("the checkpoint was saved " + ("without" if self.ema is not None else "with")
+                             + " --use_ema; resume with the same --use_ema setting (or start a new --output_dir).")
         self.policy.load_state_dict(state["policy"], strict=True)
         self.anchor.load_state_dict(state["anchor"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.samples, self.history = state["step"], state["samples"], list(state["history"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+@contextmanager
+def evaluation_weights(state: AlignState) -> Iterator[nn.Module]:
+    """The policy to evaluate or save: with the evaluation EMA, its weights copied in (and the training weights
+    put back afterwards); otherwise the policy as it is."""
+    if state.ema is None:
+        yield state.policy
+        return
+    params = list(state.policy.parameters())
+    state.ema.store(params)
+    state.ema.copy_to(params)
+    try:
+        yield state.policy
+    finally:
+        state.ema.restore(params)
 
 
 def build_state(problem: AlignProblem, config: AlignConfig, lora_rank: int = 0) -> AlignState:
@@ -185,7 +215,12 @@ def build_state(problem: AlignProblem, config: AlignConfig, lora_rank: int = 0) 
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.999))
-    return AlignState(policy, reference, anchor, optimizer)
+    ema = None
+    if config.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(policy.parameters(), decay=config.ema_decay)
+    return AlignState(policy, reference, anchor, optimizer, ema=ema)
 
 
 def add_lora(net: nn.Module, rank: int) -> nn.Module:
@@ -258,6 +293,8 @@ def align_iteration(state: AlignState, problem: AlignProblem, config: AlignConfi
     state.step += 1
     if config.method == "awm" and config.ema_beta > 0:
         update_anchor(state, config)
+    if state.ema is not None:
+        state.ema.step(state.policy.parameters())
     state.samples += config.batch_size * runtime.num_processes
     stats = {"reward": global_mean(rewards.mean().reshape(1)).item(), "grad_norm": grad_norm,
              "zero_advantage": (advantages == 0).double().mean().item(), **parts}

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from difflab.distill.aligner import AlignConfig, AlignProblem, align_iteration, build_state
+from difflab.distill.aligner import AlignConfig, AlignProblem, align_iteration, build_state, evaluation_weights
 from difflab.distill.awm import awm_loss, weighting
 from difflab.distill.ddpo import ddpo_loss, trainable_steps
 from difflab.distill.nets import MLPDenoiser
@@ -206,6 +206,23 @@ def test_micro_batches_give_the_same_update(method, prediction_type):
     assert full.abs().max() > 0 and (full - split).abs().max() <= 1e-4 * full.abs().max()
     assert full_stats.keys() == split_stats.keys()
     assert all(math.isclose(full_stats[k], split_stats[k], rel_tol=1e-4, abs_tol=1e-6) for k in full_stats)
+
+
+def test_evaluation_ema_follows_diffusers_decay_and_is_what_gets_evaluated():
+    config = AlignConfig(num_groups=2, group_size=8, num_inference_steps=5, use_ema=True, ema_decay=0.25)
+    problem = _region_problem()
+    state = build_state(problem, config)
+    expected = [p.detach().clone() for p in state.policy.parameters()]
+    for earlier in range(4):  # k earlier updates: decay min(0.25, (1 + k) / (10 + k)); the first update copies
+        align_iteration(state, problem, config)
+        decay = min(0.25, (1 + earlier) / (10 + earlier)) if earlier else 0.0
+        expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, state.policy.parameters())]
+    training = [p.detach().clone() for p in state.policy.parameters()]
+    with evaluation_weights(state) as net:
+        inside = [p.detach().clone() for p in net.parameters()]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(inside, expected))
+    assert not all(torch.allclose(a, b) for a, b in zip(inside, training))
+    assert all(torch.equal(a, b) for a, b in zip(state.policy.parameters(), training))  # put back afterwards
 
 
 def test_sde_rollouts_do_not_depend_on_the_sample_batch_size():

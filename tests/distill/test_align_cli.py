@@ -38,6 +38,22 @@ def test_mixture_run_resumes_to_the_uninterrupted_result(tmp_path, method):
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+def test_use_ema_saves_and_resumes_the_ema_weights(tmp_path, capsys):
+    _cli("awm", tmp_path / "a", *MIXTURE, "--use_ema", "--ema_decay", "0.5")
+    a = load_file(tmp_path / "a" / "policy.safetensors")
+    state = torch.load(tmp_path / "a" / "checkpoint-4" / "state.pt", weights_only=False)["state"]
+    shadow = state["ema"]["shadow_params"]
+    assert len(shadow) == len(a) and all(torch.equal(s, a[k]) for s, k in zip(shadow, state["policy"]))
+    assert any(not torch.equal(a[k], v) for k, v in state["policy"].items())  # the EMA, not the last weights
+    _cli("awm", tmp_path / "b", *MIXTURE, "--use_ema", "--ema_decay", "0.5", "--stop_after_steps", "3")
+    _cli("awm", tmp_path / "b", *MIXTURE, "--use_ema", "--ema_decay", "0.5", "--resume_from_checkpoint", "latest")
+    b = load_file(tmp_path / "b" / "policy.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    with pytest.raises(SystemExit):
+        _cli("awm", tmp_path / "b", *MIXTURE, "--resume_from_checkpoint", "latest", "--max_train_steps", "6")
+    assert "saved with --use_ema" in capsys.readouterr().err
+
+
 def test_resuming_with_other_settings_is_warned(tmp_path, capsys):
     out = tmp_path / "w"
     _cli("awm", out, *MIXTURE, "--stop_after_steps", "2")
@@ -55,7 +71,7 @@ def test_resuming_with_other_settings_is_warned(tmp_path, capsys):
 def test_digits_run_writes_a_pipeline_directory(tmp_path, lora):
     from difflab.models import load
 
-    extra = ["--lora_rank", "4", "--learning_rate", "1e-2"] if lora else []
+    extra = ["--lora_rank", "4", "--learning_rate", "1e-2", "--use_ema"] if lora else []  # (EMA of the adapters)
     _cli("awm", tmp_path, *DIGITS, "--reward", "class:3+ink*0.1", *extra)
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["finished"] and "fd_to_class" in summary["final"]
