@@ -186,6 +186,7 @@ class AlignState:
         self.step, self.samples, self.history = state["step"], state["samples"], list(state["history"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+            self.ema.to(next(self.policy.parameters()).device)  # checkpoints load on the CPU
 
 
 @contextmanager

@@ -87,3 +87,17 @@ def test_align_cli_trains_on_the_gpu(tmp_path, method, model):
           "--validation_steps", "1", "--num_validation_samples", "16", "--checkpointing_steps", "1", "--no_progress"])
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["finished"] and "fd_to_class" in summary["final"]
+
+
+@CUDA
+def test_align_resumes_on_the_gpu_with_ema_and_micro_batches(tmp_path):
+    """The EMA of a checkpoint loads on the CPU and must follow the policy back to the GPU."""
+    from difflab.cli import main
+
+    flags = ["align", "awm", "--model", "digits-flow", "--output_dir", str(tmp_path), "--max_train_steps", "2",
+             "--num_groups", "1", "--group_size", "4", "--num_inference_steps", "4", "--validation_steps", "1",
+             "--num_validation_samples", "16", "--checkpointing_steps", "1", "--no_progress", "--use_ema",
+             "--train_batch_size", "5", "--sample_batch_size", "3"]
+    main([*flags, "--stop_after_steps", "1"])
+    main([*flags, "--resume_from_checkpoint", "latest"])
+    assert json.loads((tmp_path / "train_summary.json").read_text())["finished"]
