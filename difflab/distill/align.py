@@ -10,10 +10,9 @@ difflab.distill.align {awm,ddpo} ...`` or ``accelerate launch -m difflab.distill
 
 Models: ``--model digits-flow`` / ``digits-ddpm`` / a DigitsPipeline directory (rollouts with the
 pipeline's own scheduler, or for AWM any difflab / diffusers one by ``--scheduler``; ``--label`` = a class
-or ``null`` for the unconditional prompt), a diffusers DDPMPipeline, Stable Diffusion 1.x / 2.x or Stable
-Diffusion 3 directory (``--prompts``), or ``--model mixture`` (the 2-D ring of 8 unequal modes, an MLP
-fitted to its exact denoiser). Rewards: ``--reward
-class:3``, ``ink``, ``region:X,Y,R``, or weighted sums (``class:3*1+ink*0.5``); see
+or ``null`` for the unconditional prompt), a diffusers DDPMPipeline, Stable Diffusion 1.x / 2.x, Stable
+Diffusion 3 or Flux directory (``--prompts``; Flux at ``--resolution``), or ``--model mixture`` (the 2-D
+ring of 8 unequal modes, an MLP fitted to its exact denoiser). Rewards: ``--reward class:3``, ``ink``, ``region:X,Y,R``, or weighted sums (``class:3*1+ink*0.5``); see
 :func:`~difflab.distill.rewards.build_reward`. Full fine-tuning, or LoRA adapters (``--lora_rank``,
 needs ``peft``).
 
@@ -59,11 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add("--output_dir", required=True, help="Where checkpoints, validation grids and the aligned model go.")
     add("--model", default="digits-flow",
         help="digits-flow, digits-ddpm, a DigitsPipeline directory, mixture, or a diffusers DDPMPipeline, Stable "
-             "Diffusion 1.x / 2.x or Stable Diffusion 3 directory (text pipelines with --prompts).")
+             "Diffusion 1.x / 2.x, Stable Diffusion 3 or Flux directory (text pipelines with --prompts).")
     add("--prompts", nargs="+", default=None,
         help="Text pipelines: the prompts (or one .txt file with a prompt per line); the groups take them in turn.")
     add("--reward", default=None, help="class:K, ink, region:X,Y,R or a weighted sum (default: class:3 for digits, "
                                        "region:0.8,0,0.3 for the mixture).")
+    add("--resolution", type=int, default=None,
+        help="Flux pipelines: the image size in pixels the rollouts are made at (default: the pipeline's own, "
+             "1024 for FLUX.1).")
     add("--label", default="null", help="Digits: the class the samples are drawn for, or 'null' (unconditional).")
     add("--max_train_steps", type=int, default=d.max_train_steps, help="Rollout + update rounds.")
     add("--num_groups", type=int, default=d.num_groups, help="Groups (prompts) per round and process.")
@@ -181,6 +183,7 @@ def use_rollout_scheduler(problem, name: str) -> None:
     config = dict(problem.make_scheduler().config)
     get_scheduler(name, config)  # an unknown name or a mismatched model fails here, before any work
     problem.make_scheduler = lambda: get_scheduler(name, config)
+    problem.saved_scheduler = None  # the result keeps the sampler it was aligned with
 
 
 def _model_problem(args: argparse.Namespace):
@@ -188,6 +191,8 @@ def _model_problem(args: argparse.Namespace):
     from .rewards import CompositeReward, DigitsClassReward, build_reward
 
     if args.model == "mixture":
+        if args.resolution is not None:
+            raise ValueError("--resolution applies to Flux pipelines, not to the 2-D mixture.")
         reward = build_reward(args.reward or "region:0.8,0,0.3")
         return mixture_problem(reward, teacher_steps=args.teacher_steps, seed=args.seed,
                                eval_samples=args.num_validation_samples)
@@ -201,9 +206,12 @@ def _model_problem(args: argparse.Namespace):
         if args.label != "null":
             raise ValueError("--label applies to the digits models; a text pipeline takes --prompts.")
         return pipeline_problem(pipeline, build_reward(args.reward or "ink"), read_prompts(args.prompts),
-                                eval_samples=args.num_validation_samples, name=str(args.model))
+                                eval_samples=args.num_validation_samples, name=str(args.model),
+                                resolution=args.resolution)
     if args.prompts:
         raise ValueError("--prompts applies to text pipelines; the digits models take --label.")
+    if args.resolution is not None:
+        raise ValueError("--resolution applies to Flux pipelines; the digits models are 16x16.")
     reward = build_reward(args.reward or "class:3")
     label = None if args.label == "null" else _label(args.label)
     terms = reward.terms if isinstance(reward, CompositeReward) else [(reward, 1.0)]
@@ -270,7 +278,8 @@ def save_result(output_dir: Path, args: argparse.Namespace, state, problem) -> N
         from .nets import inner_module
         from .pipelines import with_components
 
-        components = {problem.component: inner_module(net), "scheduler": problem.make_scheduler()}
+        components = {problem.component: inner_module(net),
+                      "scheduler": (problem.saved_scheduler or problem.make_scheduler)()}
         with_components(problem.pipeline, **components).save_pretrained(output_dir)
         return
     if args.model == "mixture":
@@ -335,7 +344,7 @@ def run_settings(args: argparse.Namespace, config, problem) -> dict[str, Any]:
     hyper = {k: v for k, v in asdict(config).items()
              if k not in ("max_train_steps", "checkpointing_steps", "train_batch_size")}
     run = {k: getattr(args, k, None)
-           for k in ("method", "model", "label", "prompts", "lora_rank", "teacher_steps", "scheduler")}
+           for k in ("method", "model", "label", "prompts", "lora_rank", "teacher_steps", "scheduler", "resolution")}
     return json.loads(json.dumps({**run, "reward": repr(problem.reward), **hyper}))
 
 

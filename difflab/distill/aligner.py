@@ -11,8 +11,8 @@ Problems (:class:`AlignProblem`): a built-in digits model (``digits-flow``, ``di
 DigitsPipeline directory; labels = one class or the null class), a 2-D Gaussian mixture whose
 denoiser is an MLP fitted to the exact one (:func:`mixture_problem`), where the ideal aligned
 distribution -- the mixture restricted to the reward region -- is known exactly, and diffusers
-pipelines (:func:`pipeline_problem`: DDPMPipeline, or Stable Diffusion 1.x / 2.x / 3 with a prompt list,
-whose latents are decoded by the VAE before the reward sees them; the reward gets the prompts).
+pipelines (:func:`pipeline_problem`: DDPMPipeline, or Stable Diffusion 1.x / 2.x / 3 or Flux with a prompt
+list, whose latents are decoded by the VAE before the reward sees them; the reward gets the prompts).
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ class AlignProblem:
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # model space -> images (a VAE), or identity
     prompts: list[str] | None = None  # text pipelines: group_labels index these
     pipeline: Any = None  # diffusers pipelines: the pipeline the aligned denoiser is saved into
-    component: str = "unet"  # the pipeline component the denoiser is ("transformer" for Stable Diffusion 3)
+    component: str = "unet"  # the pipeline component the denoiser is ("transformer": Stable Diffusion 3, Flux)
+    saved_scheduler: Callable[[], Any] | None = None  # saved with the result instead of make_scheduler's (Flux)
     sample_batch_size: int | None = None  # samples per network call in rollouts and evaluations (None: all)
 
     def labels(self, num_groups: int, group_size: int, rank: int = 0, round_index: int = 0,
@@ -412,44 +413,61 @@ def evaluate_digits_policy(problem: AlignProblem, net: nn.Module, steps: int, nu
 
 
 def pipeline_problem(pipeline: Any, reward: Reward, prompts: list[str] | None = None, eval_samples: int = 64,
-                     name: str = "the pipeline") -> AlignProblem:
+                     name: str = "the pipeline", resolution: int | None = None) -> AlignProblem:
     """A diffusers pipeline with a ``UNet2DModel`` (unconditional: DDPMPipeline), a ``UNet2DConditionModel``
-    (Stable Diffusion 1.x / 2.x) or an ``SD3Transformer2DModel`` (Stable Diffusion 3, flow matching); text
-    pipelines need ``prompts``, encoded once, which the groups take in turn. Rollouts run in the denoiser's
-    (latent) space with the pipeline's own scheduler; the reward sees VAE-decoded images in [-1, 1] and the
+    (Stable Diffusion 1.x / 2.x), an ``SD3Transformer2DModel`` (Stable Diffusion 3) or a
+    ``FluxTransformer2DModel`` (Flux, at ``resolution`` pixels: default the pipeline's own); text pipelines need
+    ``prompts``, encoded once, which the groups take in turn. Rollouts run in the denoiser's (latent; for Flux
+    packed) space with the pipeline's own scheduler; the reward sees VAE-decoded images in [-1, 1] and the
     prompts."""
     from .pipelines import (
         decode_latents,
+        flux_rollout_scheduler_config,
+        is_flux_pipeline,
         is_sd3_pipeline,
         is_text_pipeline,
+        prompt_conditioned_flux,
         prompt_conditioned_transformer,
         prompt_conditioned_unet,
     )
 
-    sd3 = is_sd3_pipeline(pipeline)
-    text = sd3 or is_text_pipeline(pipeline, name)
+    sd3, flux = is_sd3_pipeline(pipeline), is_flux_pipeline(pipeline)
+    text = sd3 or flux or is_text_pipeline(pipeline, name)
     if text and not prompts:
         raise ValueError(f"{name} is text-conditioned: pass the prompts to align it on (--prompts).")
     if not text and prompts:
         raise ValueError(f"{name} is unconditional: it takes no prompts; drop --prompts.")
+    if resolution is not None and not flux:
+        raise ValueError(f"--resolution applies to Flux pipelines; {name} samples at its denoiser's sample_size.")
     scheduler_config, scheduler_cls = dict(pipeline.scheduler.config), type(pipeline.scheduler)
-    denoiser = pipeline.transformer if sd3 else pipeline.unet
-    if sd3:
-        net = prompt_conditioned_transformer(pipeline, prompts)
-    elif text:
-        net = prompt_conditioned_unet(pipeline, denoiser.float(), prompts)
-    else:
-        net = denoiser.float()
     vae = getattr(pipeline, "vae", None)
-    size = denoiser.config.sample_size
+    decode = None if vae is None else (lambda x: decode_latents(vae, x))
+    saved_scheduler = None
+    if flux:
+        resolution = resolution or pipeline.default_sample_size * pipeline.vae_scale_factor
+        net = prompt_conditioned_flux(pipeline, prompts, resolution)
+        scheduler_config = flux_rollout_scheduler_config(pipeline, resolution)
+        sample_shape = (len(net.image_ids), pipeline.transformer.config.in_channels)
+        decode = lambda x: decode_latents(vae, pipeline._unpack_latents(x, resolution, resolution,  # noqa: E731
+                                                                         pipeline.vae_scale_factor))
+        saved_scheduler = lambda: pipeline.scheduler  # noqa: E731 -- its own (resolution-dependent) shift
+    else:
+        denoiser = pipeline.transformer if sd3 else pipeline.unet
+        if sd3:
+            net = prompt_conditioned_transformer(pipeline, prompts)
+        elif text:
+            net = prompt_conditioned_unet(pipeline, denoiser.float(), prompts)
+        else:
+            net = denoiser.float()
+        size = denoiser.config.sample_size
+        sample_shape = (denoiser.config.in_channels, size, size)
     problem = AlignProblem(
         net=net, schedule=NoiseSchedule.from_config(scheduler_config),
         prediction_type=NoiseSchedule.model_prediction_type(scheduler_config),
-        make_scheduler=lambda: scheduler_cls.from_config(scheduler_config),
-        sample_shape=(denoiser.config.in_channels, size, size), reward=reward,
-        group_labels=torch.arange(len(prompts)) if text else None, name=name,
-        decode=None if vae is None else lambda x: decode_latents(vae, x), prompts=list(prompts) if text else None,
-        pipeline=pipeline, component="transformer" if sd3 else "unet")
+        make_scheduler=lambda: scheduler_cls.from_config(scheduler_config), sample_shape=sample_shape,
+        reward=reward, group_labels=torch.arange(len(prompts)) if text else None, name=name, decode=decode,
+        prompts=list(prompts) if text else None, pipeline=pipeline,
+        component="transformer" if sd3 or flux else "unet", saved_scheduler=saved_scheduler)
     problem.evaluate = lambda net_, steps: evaluate_pipeline_policy(problem, net_, steps, eval_samples)
     return problem
 

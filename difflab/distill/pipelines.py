@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -107,6 +108,86 @@ def prompt_conditioned_transformer(pipeline: Any, prompts: list[str]) -> PromptC
     embeds, _, pooled, _ = pipeline.encode_prompt(list(prompts) + [""], None, None, device="cpu",
                                                   num_images_per_prompt=1, do_classifier_free_guidance=False)
     return PromptConditionedTransformer(pipeline.transformer.float(), embeds.float(), pooled.float())
+
+
+class PromptConditionedFlux(nn.Module):
+    """A ``FluxTransformer2DModel`` called like a class-conditional UNet on packed latents (tokens x channels):
+    ``class_labels`` index tables of the prompts' T5 and pooled CLIP embeddings (rows: the prompts, then the
+    empty prompt). It passes what FluxPipeline passes: ``timestep / 1000``, the text and image position ids of
+    one resolution, and the guidance value when the model embeds one (FLUX.1-dev)."""
+
+    def __init__(self, transformer: nn.Module, prompt_embeds: torch.Tensor, pooled_embeds: torch.Tensor,
+                 text_ids: torch.Tensor, image_ids: torch.Tensor, guidance_scale: float = 3.5):
+        super().__init__()
+        self.module = transformer
+        for name, value in (("prompt_embeds", prompt_embeds), ("pooled_embeds", pooled_embeds),
+                            ("text_ids", text_ids), ("image_ids", image_ids)):
+            self.register_buffer(name, value, persistent=False)  # the transformer's weights only
+        self.guidance_scale = guidance_scale
+
+    @property
+    def null_label(self) -> int:
+        return len(self.prompt_embeds) - 1
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None,
+                **kwargs: Any):
+        if class_labels is None:
+            raise ValueError("a text-conditioned transformer needs prompt indices as class_labels.")
+        rows = class_labels.to(self.prompt_embeds.device)
+        guidance = None
+        if self.module.config.guidance_embeds:
+            guidance = torch.full((sample.shape[0],), self.guidance_scale, device=sample.device)
+        return self.module(hidden_states=sample, timestep=timestep / 1000, guidance=guidance,
+                           pooled_projections=self.pooled_embeds[rows], encoder_hidden_states=self.prompt_embeds[rows],
+                           txt_ids=self.text_ids, img_ids=self.image_ids)
+
+
+def is_flux_pipeline(pipeline: Any) -> bool:
+    """Whether ``pipeline`` is a Flux pipeline (a ``FluxTransformer2DModel`` as ``transformer``)."""
+    from diffusers import FluxTransformer2DModel
+
+    return isinstance(getattr(pipeline, "transformer", None), FluxTransformer2DModel)
+
+
+def flux_latent_size(pipeline: Any, resolution: int) -> int:
+    """The (unpacked) latent side of ``resolution`` pixels, as FluxPipeline computes it (even, for 2x2 packing)."""
+    size = 2 * (int(resolution) // (pipeline.vae_scale_factor * 2))
+    if size < 2:
+        raise ValueError(f"--resolution {resolution} is too small for this Flux pipeline (its VAE downsamples "
+                         f"{pipeline.vae_scale_factor}x and latents are packed 2x2); use at least "
+                         f"{pipeline.vae_scale_factor * 2}.")
+    return size
+
+
+@torch.no_grad()
+def prompt_conditioned_flux(pipeline: Any, prompts: list[str], resolution: int) -> PromptConditionedFlux:
+    """The Flux pipeline's transformer behind tables of the prompts' embeddings (its own ``encode_prompt``; the
+    empty prompt as the extra last row), with the position ids of ``resolution`` x ``resolution`` images."""
+    embeds, pooled, text_ids = pipeline.encode_prompt(list(prompts) + [""], None, device="cpu",
+                                                      num_images_per_prompt=1)
+    side = flux_latent_size(pipeline, resolution) // 2
+    image_ids = pipeline._prepare_latent_image_ids(1, side, side, "cpu", torch.float32)
+    return PromptConditionedFlux(pipeline.transformer.float(), embeds.float(), pooled.float(), text_ids.float(),
+                                 image_ids)
+
+
+def flux_rollout_scheduler_config(pipeline: Any, resolution: int) -> dict[str, Any]:
+    """The pipeline's scheduler config with its resolution-dependent shift fixed for ``resolution``.
+
+    FluxPipeline shifts sigmas by mu = calculate_shift(image tokens) (``use_dynamic_shifting``); at one
+    resolution that is the static shift exp(mu) (exponential time shift) or mu (linear), which a plain
+    ``set_timesteps(num_inference_steps)`` can use.
+    """
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = dict(pipeline.scheduler.config)
+    if not config.get("use_dynamic_shifting"):
+        return config
+    tokens = (flux_latent_size(pipeline, resolution) // 2) ** 2
+    mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    shift = math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
+    return {**config, "use_dynamic_shifting": False, "shift": shift}
 
 
 def with_components(pipeline: Any, **components: Any) -> Any:

@@ -1,16 +1,22 @@
-"""AWM / DDPO on diffusers pipelines (tiny DDPM, Stable Diffusion and Stable Diffusion 3 built from configs)."""
+"""AWM / DDPO on diffusers pipelines (tiny DDPM, Stable Diffusion, Stable Diffusion 3 and Flux built from configs)."""
 
 import json
 
 import pytest
 import torch
-from diffusers import DDPMPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+from diffusers import (
+    DDPMPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+)
 
 from difflab.cli import main
 from difflab.distill.aligner import AlignConfig, align_iteration, build_state, pipeline_problem
 from difflab.distill.rewards import InkReward
 from difflab.distill.rollout import ode_rollout
-from difflab.models.tiny import tiny_ddpm_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
+from difflab.models.tiny import tiny_ddpm_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
 
 PROMPTS = ["a cat", "a dog", "a red square"]
 SMALL = ["--num_groups", "2", "--group_size", "2", "--num_inference_steps", "4", "--train_timesteps", "2",
@@ -23,6 +29,7 @@ def saved(tmp_path_factory):
     tiny_ddpm_pipeline().save_pretrained(root / "ddpm")
     tiny_sd_pipeline().save_pretrained(root / "sd")
     tiny_sd3_pipeline().save_pretrained(root / "sd3")
+    tiny_flux_pipeline(_dynamic_shift()).save_pretrained(root / "flux")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     return root
 
@@ -106,13 +113,55 @@ def test_cli_aligns_a_stable_diffusion_3_pipeline(saved, tmp_path, method):
     assert aligned(PROMPTS[0], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
 
 
+def _dynamic_shift():
+    """FLUX.1's scheduler setting: the shift depends on the image's token count (mu)."""
+    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, shift=3.0)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_flux_rollouts_are_the_pipelines_own_samples(dynamic):
+    """Packed latents, /1000 timesteps, position ids and (dynamic) shift as FluxPipeline has them: our rollout
+    gives the pipeline's own latents (no guidance) when the pipeline is given the same unshifted sigmas."""
+    pipe = tiny_flux_pipeline(_dynamic_shift() if dynamic else None)
+    problem = pipeline_problem(pipe, InkReward(), PROMPTS[:2], resolution=48)
+    assert problem.sample_shape == (24 * 24, 4) and problem.component == "transformer"
+    scheduler = problem.make_scheduler()
+    scheduler.set_timesteps(4)
+    shift, sigmas = scheduler.config.shift, scheduler.sigmas[:-1].double()
+    assert (shift > 1.0) == dynamic  # the dynamic shift at 48 px, as a static one
+    shape = (2, *problem.sample_shape)
+    ours, _ = ode_rollout(problem.net, problem.make_scheduler(), 4, torch.tensor([0, 1]), shape,
+                          torch.Generator().manual_seed(0))
+    theirs = pipe(PROMPTS[:2], num_inference_steps=4, guidance_scale=1.0, height=48, width=48, output_type="latent",
+                  latents=torch.randn(shape, generator=torch.Generator().manual_seed(0)),
+                  sigmas=(sigmas / (shift - (shift - 1) * sigmas)).tolist()).images  # unshifted: the pipeline shifts
+    assert theirs.abs().max() > 1 and (ours - theirs).abs().max() < 1e-5
+    assert problem.decode(ours).shape == (2, 3, 48, 48)
+
+
+@pytest.mark.parametrize("method", ["awm", "ddpo"])
+def test_cli_aligns_a_flux_pipeline(saved, tmp_path, method):
+    main(["align", method, "--model", str(saved / "flux"), "--prompts", *PROMPTS[:2], "--resolution", "32",
+          "--output_dir", str(tmp_path), "--max_train_steps", "2", "--validation_steps", "2", *SMALL[:6],
+          *(SMALL[6:8] if method == "awm" else []), *SMALL[8:]])
+    assert json.loads((tmp_path / "train_summary.json").read_text())["finished"]
+    aligned = FluxPipeline.from_pretrained(tmp_path)
+    assert aligned.scheduler.config.use_dynamic_shifting  # the pipeline keeps its own resolution-dependent shift
+    base = tiny_flux_pipeline()
+    assert max((a - b).abs().max().item() for a, b in zip(aligned.transformer.parameters(),
+                                                           base.transformer.parameters())) > 0
+    assert aligned(PROMPTS[0], num_inference_steps=2, height=32, width=32, output_type="np").images.shape == (1, 32, 32, 3)
+
+
 def test_pipeline_alignment_errors_are_messages(saved, tmp_path, capsys):
     cases = [(["--model", str(saved / "sd")], "pass the prompts"),
              (["--model", str(saved / "sd"), "--prompts", "a cat", "--reward", "class:3"], "scores 16x16 digits"),
              (["--model", str(saved / "sd"), "--prompts", "a cat", "--label", "3"], "takes --prompts"),
              (["--model", str(saved / "ddpm"), "--prompts", "a cat"], "takes no prompts"),
              (["--model", str(saved / "sd"), "--prompts", str(tmp_path / "none.txt")], "does not exist"),
-             (["--model", "digits-flow", "--prompts", "a cat"], "take --label")]
+             (["--model", "digits-flow", "--prompts", "a cat"], "take --label"),
+             (["--model", str(saved / "sd"), "--prompts", "a cat", "--resolution", "64"], "applies to Flux"),
+             (["--model", str(saved / "flux"), "--prompts", "a cat", "--resolution", "1"], "too small")]
     for flags, message in cases:
         with pytest.raises(SystemExit):
             main(["align", "awm", "--output_dir", str(tmp_path / "x"), "--max_train_steps", "1", *flags, *SMALL])
