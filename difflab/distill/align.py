@@ -12,7 +12,8 @@ Models: ``--model digits-flow`` / ``digits-ddpm`` / a DigitsPipeline directory (
 pipeline's own scheduler, or for AWM any difflab / diffusers one by ``--scheduler``; ``--label`` = a class
 or ``null`` for the unconditional prompt), a diffusers DDPMPipeline, Stable Diffusion 1.x / 2.x, Stable
 Diffusion 3 or Flux directory (``--prompts``; Flux at ``--resolution``), or ``--model mixture`` (the 2-D
-ring of 8 unequal modes, an MLP fitted to its exact denoiser). Rewards: ``--reward class:3``, ``ink``, ``region:X,Y,R``, or weighted sums (``class:3*1+ink*0.5``); see
+ring of 8 unequal modes, an MLP fitted to its exact denoiser). Rewards: ``--reward class:3``, ``ink``,
+``region:X,Y,R``, or weighted sums (``class:3*1+ink*0.5``); see
 :func:`~difflab.distill.rewards.build_reward`. Full fine-tuning, or LoRA adapters (``--lora_rank``,
 needs ``peft``).
 
