@@ -47,49 +47,50 @@ METADATA_FILE = "metadata.jsonl"
 ENCODE_BATCH = 16
 
 
-class PromptConditionedUNet(nn.Module):
-    """A ``UNet2DConditionModel`` called like a class-conditional UNet: ``class_labels`` index a fixed table
-    of prompt embeddings (rows: the prompts, then the empty prompt)."""
+class PromptTable(nn.Module):
+    """A text-conditioned denoiser called like a class-conditional UNet: ``class_labels`` index fixed tables of
+    the prompts' embeddings (rows: the prompts, then the empty prompt, the null label of classifier-free
+    guidance). The tables are buffers outside the state dict, so checkpoints, DisBack nodes and saved results
+    hold the denoiser's own weights only (``module``)."""
+
+    def __init__(self, module: nn.Module, **tables: torch.Tensor):
+        super().__init__()
+        self.module = module
+        for name, table in tables.items():
+            self.register_buffer(name, table, persistent=False)
+
+    @property
+    def null_label(self) -> int:
+        return len(self.prompt_embeds) - 1
+
+    def rows(self, class_labels: torch.Tensor | None) -> torch.Tensor:
+        """The table rows of ``class_labels`` (prompt indices), on the tables' device."""
+        if class_labels is None:
+            raise ValueError(f"a text-conditioned {type(self.module).__name__} needs prompt indices as class_labels.")
+        return class_labels.to(self.prompt_embeds.device)
+
+
+class PromptConditionedUNet(PromptTable):
+    """A ``UNet2DConditionModel`` behind a table of prompt embeddings (``encoder_hidden_states``)."""
 
     def __init__(self, unet: nn.Module, prompt_embeds: torch.Tensor):
-        super().__init__()
-        self.module = unet
-        # not in the state dict: checkpoints and DisBack nodes hold the UNet's weights only
-        self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
-
-    @property
-    def null_label(self) -> int:
-        return len(self.prompt_embeds) - 1
+        super().__init__(unet, prompt_embeds=prompt_embeds)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None,
                 **kwargs: Any):
-        if class_labels is None:
-            raise ValueError("a text-conditioned UNet needs prompt indices as class_labels.")
-        embeds = self.prompt_embeds[class_labels.to(self.prompt_embeds.device)]
-        return self.module(sample, timestep, encoder_hidden_states=embeds)
+        return self.module(sample, timestep, encoder_hidden_states=self.prompt_embeds[self.rows(class_labels)])
 
 
-class PromptConditionedTransformer(nn.Module):
-    """A Stable Diffusion 3 ``SD3Transformer2DModel`` called like a class-conditional UNet: ``class_labels``
-    index fixed tables of the prompts' token embeddings and pooled embeddings (rows: the prompts, then the
-    empty prompt), which the pipeline would otherwise pass as ``encoder_hidden_states`` and
-    ``pooled_projections``."""
+class PromptConditionedTransformer(PromptTable):
+    """A Stable Diffusion 3 ``SD3Transformer2DModel`` behind tables of the prompts' token embeddings and pooled
+    embeddings, which the pipeline would otherwise pass as ``encoder_hidden_states`` and ``pooled_projections``."""
 
     def __init__(self, transformer: nn.Module, prompt_embeds: torch.Tensor, pooled_embeds: torch.Tensor):
-        super().__init__()
-        self.module = transformer
-        self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)  # the transformer's weights only
-        self.register_buffer("pooled_embeds", pooled_embeds, persistent=False)
-
-    @property
-    def null_label(self) -> int:
-        return len(self.prompt_embeds) - 1
+        super().__init__(transformer, prompt_embeds=prompt_embeds, pooled_embeds=pooled_embeds)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None,
                 **kwargs: Any):
-        if class_labels is None:
-            raise ValueError("a text-conditioned transformer needs prompt indices as class_labels.")
-        rows = class_labels.to(self.prompt_embeds.device)
+        rows = self.rows(class_labels)
         return self.module(hidden_states=sample, timestep=timestep, encoder_hidden_states=self.prompt_embeds[rows],
                            pooled_projections=self.pooled_embeds[rows])
 
@@ -110,30 +111,20 @@ def prompt_conditioned_transformer(pipeline: Any, prompts: list[str]) -> PromptC
     return PromptConditionedTransformer(pipeline.transformer.float(), embeds.float(), pooled.float())
 
 
-class PromptConditionedFlux(nn.Module):
-    """A ``FluxTransformer2DModel`` called like a class-conditional UNet on packed latents (tokens x channels):
-    ``class_labels`` index tables of the prompts' T5 and pooled CLIP embeddings (rows: the prompts, then the
-    empty prompt). It passes what FluxPipeline passes: ``timestep / 1000``, the text and image position ids of
-    one resolution, and the guidance value when the model embeds one (FLUX.1-dev)."""
+class PromptConditionedFlux(PromptTable):
+    """A ``FluxTransformer2DModel`` on packed latents (tokens x channels) behind tables of the prompts' T5 and
+    pooled CLIP embeddings. It passes what FluxPipeline passes: ``timestep / 1000``, the text and image
+    position ids of one resolution, and the guidance value when the model embeds one (FLUX.1-dev)."""
 
     def __init__(self, transformer: nn.Module, prompt_embeds: torch.Tensor, pooled_embeds: torch.Tensor,
                  text_ids: torch.Tensor, image_ids: torch.Tensor, guidance_scale: float = 3.5):
-        super().__init__()
-        self.module = transformer
-        for name, value in (("prompt_embeds", prompt_embeds), ("pooled_embeds", pooled_embeds),
-                            ("text_ids", text_ids), ("image_ids", image_ids)):
-            self.register_buffer(name, value, persistent=False)  # the transformer's weights only
+        super().__init__(transformer, prompt_embeds=prompt_embeds, pooled_embeds=pooled_embeds, text_ids=text_ids,
+                         image_ids=image_ids)
         self.guidance_scale = guidance_scale
-
-    @property
-    def null_label(self) -> int:
-        return len(self.prompt_embeds) - 1
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None,
                 **kwargs: Any):
-        if class_labels is None:
-            raise ValueError("a text-conditioned transformer needs prompt indices as class_labels.")
-        rows = class_labels.to(self.prompt_embeds.device)
+        rows = self.rows(class_labels)
         guidance = None
         if self.module.config.guidance_embeds:
             guidance = torch.full((sample.shape[0],), self.guidance_scale, device=sample.device)
