@@ -10,8 +10,8 @@ difflab.distill.align {awm,ddpo} ...`` or ``accelerate launch -m difflab.distill
 
 Models: ``--model digits-flow`` / ``digits-ddpm`` / a DigitsPipeline directory (rollouts with the
 pipeline's own scheduler, or for AWM any difflab / diffusers one by ``--scheduler``; ``--label`` = a class
-or ``null`` for the unconditional prompt), a diffusers DDPMPipeline, Stable Diffusion 1.x / 2.x, Stable
-Diffusion 3 or Flux directory (``--prompts``; Flux at ``--resolution``), or ``--model mixture`` (the 2-D
+or ``null`` for the unconditional prompt), a diffusers DDPMPipeline, Stable Diffusion 1.x / 2.x / XL /
+3 or Flux directory (``--prompts``; Flux at ``--resolution``), or ``--model mixture`` (the 2-D
 ring of 8 unequal modes, an MLP fitted to its exact denoiser). Rewards: ``--reward class:3``, ``ink``,
 ``region:X,Y,R``, or weighted sums (``class:3*1+ink*0.5``); see
 :func:`~difflab.distill.rewards.build_reward`. Full fine-tuning, or LoRA adapters (``--lora_rank``,
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add("--output_dir", required=True, help="Where checkpoints, validation grids and the aligned model go.")
     add("--model", default="digits-flow",
         help="digits-flow, digits-ddpm, a DigitsPipeline directory, mixture, or a diffusers DDPMPipeline, Stable "
-             "Diffusion 1.x / 2.x, Stable Diffusion 3 or Flux directory (text pipelines with --prompts).")
+             "Diffusion 1.x / 2.x / XL / 3 or Flux directory (text pipelines with --prompts).")
     add("--prompts", nargs="+", default=None,
         help="Text pipelines: the prompts (or one .txt file with a prompt per line); the groups take them in turn.")
     add("--reward", default=None, help="class:K, ink, region:X,Y,R or a weighted sum (default: class:3 for digits, "

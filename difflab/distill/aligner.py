@@ -11,8 +11,8 @@ Problems (:class:`AlignProblem`): a built-in digits model (``digits-flow``, ``di
 DigitsPipeline directory; labels = one class or the null class), a 2-D Gaussian mixture whose
 denoiser is an MLP fitted to the exact one (:func:`mixture_problem`), where the ideal aligned
 distribution -- the mixture restricted to the reward region -- is known exactly, and diffusers
-pipelines (:func:`pipeline_problem`: DDPMPipeline, or Stable Diffusion 1.x / 2.x / 3 or Flux with a prompt
-list, whose latents are decoded by the VAE before the reward sees them; the reward gets the prompts).
+pipelines (:func:`pipeline_problem`: DDPMPipeline, or Stable Diffusion 1.x / 2.x / XL / 3 or Flux with a
+prompt list, whose latents are decoded by the VAE before the reward sees them; the reward gets the prompts).
 """
 
 from __future__ import annotations
@@ -415,7 +415,8 @@ def evaluate_digits_policy(problem: AlignProblem, net: nn.Module, steps: int, nu
 def pipeline_problem(pipeline: Any, reward: Reward, prompts: list[str] | None = None, eval_samples: int = 64,
                      name: str = "the pipeline", resolution: int | None = None) -> AlignProblem:
     """A diffusers pipeline with a ``UNet2DModel`` (unconditional: DDPMPipeline), a ``UNet2DConditionModel``
-    (Stable Diffusion 1.x / 2.x), an ``SD3Transformer2DModel`` (Stable Diffusion 3) or a
+    (Stable Diffusion 1.x / 2.x, or XL at its default resolution), an ``SD3Transformer2DModel`` (Stable
+    Diffusion 3) or a
     ``FluxTransformer2DModel`` (Flux, at ``resolution`` pixels: default the pipeline's own); text pipelines need
     ``prompts``, encoded once, which the groups take in turn. Rollouts run in the denoiser's (latent; for Flux
     packed) space with the pipeline's own scheduler; the reward sees VAE-decoded images in [-1, 1] and the
@@ -425,14 +426,16 @@ def pipeline_problem(pipeline: Any, reward: Reward, prompts: list[str] | None = 
         flux_rollout_scheduler_config,
         is_flux_pipeline,
         is_sd3_pipeline,
+        is_sdxl_pipeline,
         is_text_pipeline,
         prompt_conditioned_flux,
+        prompt_conditioned_sdxl,
         prompt_conditioned_transformer,
         prompt_conditioned_unet,
     )
 
-    sd3, flux = is_sd3_pipeline(pipeline), is_flux_pipeline(pipeline)
-    text = sd3 or flux or is_text_pipeline(pipeline, name)
+    sd3, flux, sdxl = is_sd3_pipeline(pipeline), is_flux_pipeline(pipeline), is_sdxl_pipeline(pipeline)
+    text = sd3 or flux or sdxl or is_text_pipeline(pipeline, name)
     if text and not prompts:
         raise ValueError(f"{name} is text-conditioned: pass the prompts to align it on (--prompts).")
     if not text and prompts:
@@ -455,6 +458,8 @@ def pipeline_problem(pipeline: Any, reward: Reward, prompts: list[str] | None = 
         denoiser = pipeline.transformer if sd3 else pipeline.unet
         if sd3:
             net = prompt_conditioned_transformer(pipeline, prompts)
+        elif sdxl:
+            net = prompt_conditioned_sdxl(pipeline, prompts)
         elif text:
             net = prompt_conditioned_unet(pipeline, denoiser.float(), prompts)
         else:

@@ -95,6 +95,45 @@ class PromptConditionedTransformer(PromptTable):
                            pooled_projections=self.pooled_embeds[rows])
 
 
+class PromptConditionedSDXL(PromptTable):
+    """A Stable Diffusion XL ``UNet2DConditionModel`` behind tables of the prompts' token embeddings and pooled
+    embeddings, with the size / crop conditioning (``time_ids``) of one resolution: what StableDiffusionXLPipeline
+    passes as ``encoder_hidden_states`` and ``added_cond_kwargs``."""
+
+    def __init__(self, unet: nn.Module, prompt_embeds: torch.Tensor, pooled_embeds: torch.Tensor,
+                 time_ids: torch.Tensor):
+        super().__init__(unet, prompt_embeds=prompt_embeds, pooled_embeds=pooled_embeds, time_ids=time_ids)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None = None,
+                **kwargs: Any):
+        rows = self.rows(class_labels)
+        added = {"text_embeds": self.pooled_embeds[rows], "time_ids": self.time_ids.expand(len(rows), -1)}
+        return self.module(sample, timestep, encoder_hidden_states=self.prompt_embeds[rows], added_cond_kwargs=added)
+
+
+def is_sdxl_pipeline(pipeline: Any) -> bool:
+    """Whether ``pipeline`` is a Stable Diffusion XL pipeline (a UNet with text and time added conditioning)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = getattr(pipeline, "unet", None)
+    return isinstance(unet, UNet2DConditionModel) and unet.config.addition_embed_type == "text_time"
+
+
+@torch.no_grad()
+def prompt_conditioned_sdxl(pipeline: Any, prompts: list[str]) -> PromptConditionedSDXL:
+    """The SDXL pipeline's UNet behind tables of the prompts' embeddings (its own ``encode_prompt``; the empty
+    prompt as the extra last row) and the time ids of its default resolution (no crop), as the pipeline makes
+    them."""
+    embeds, _, pooled, _ = pipeline.encode_prompt(list(prompts) + [""], device="cpu", num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+    size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    encoder_2 = getattr(pipeline, "text_encoder_2", None)
+    projection = int(pooled.shape[-1]) if encoder_2 is None else encoder_2.config.projection_dim
+    time_ids = pipeline._get_add_time_ids((size, size), (0, 0), (size, size), dtype=torch.float32,
+                                          text_encoder_projection_dim=projection)
+    return PromptConditionedSDXL(pipeline.unet.float(), embeds.float(), pooled.float(), time_ids)
+
+
 def is_sd3_pipeline(pipeline: Any) -> bool:
     """Whether ``pipeline`` is a Stable Diffusion 3 pipeline (an ``SD3Transformer2DModel`` as ``transformer``)."""
     from diffusers import SD3Transformer2DModel

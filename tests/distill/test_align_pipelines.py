@@ -1,4 +1,4 @@
-"""AWM / DDPO on diffusers pipelines (tiny DDPM, Stable Diffusion, Stable Diffusion 3 and Flux built from configs)."""
+"""AWM / DDPO on diffusers pipelines (tiny DDPM, Stable Diffusion 1.x, XL and 3, and Flux, built from configs)."""
 
 import json
 
@@ -10,13 +10,20 @@ from diffusers import (
     FluxPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
 )
 
 from difflab.cli import main
 from difflab.distill.aligner import AlignConfig, align_iteration, build_state, pipeline_problem
 from difflab.distill.rewards import InkReward
 from difflab.distill.rollout import ode_rollout
-from difflab.models.tiny import tiny_ddpm_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
+from difflab.models.tiny import (
+    tiny_ddpm_pipeline,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+)
 
 PROMPTS = ["a cat", "a dog", "a red square"]
 SMALL = ["--num_groups", "2", "--group_size", "2", "--num_inference_steps", "4", "--train_timesteps", "2",
@@ -30,6 +37,7 @@ def saved(tmp_path_factory):
     tiny_sd_pipeline().save_pretrained(root / "sd")
     tiny_sd3_pipeline().save_pretrained(root / "sd3")
     tiny_flux_pipeline(_dynamic_shift()).save_pretrained(root / "flux")
+    tiny_sdxl_pipeline().save_pretrained(root / "sdxl")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     return root
 
@@ -111,6 +119,30 @@ def test_cli_aligns_a_stable_diffusion_3_pipeline(saved, tmp_path, method):
     assert max((a - b).abs().max().item() for a, b in zip(aligned.transformer.parameters(),
                                                            base.transformer.parameters())) > 0
     assert aligned(PROMPTS[0], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+
+
+def test_sdxl_rollouts_are_the_pipelines_own_samples():
+    """Pooled embeddings and size / crop time ids as StableDiffusionXLPipeline makes them (and its Euler
+    scheduler's noise scaling): our rollout gives the pipeline's own latents without guidance."""
+    pipe = tiny_sdxl_pipeline()
+    problem = pipeline_problem(pipe, InkReward(), PROMPTS[:2])
+    shape = (2, *problem.sample_shape)
+    ours, _ = ode_rollout(problem.net, problem.make_scheduler(), 4, torch.tensor([0, 1]), shape,
+                          torch.Generator().manual_seed(0))
+    size = problem.sample_shape[1] * pipe.vae_scale_factor
+    theirs = pipe(PROMPTS[:2], num_inference_steps=4, guidance_scale=1.0, height=size, width=size, output_type="latent",
+                  latents=torch.randn(shape, generator=torch.Generator().manual_seed(0))).images
+    assert theirs.abs().max() > 1 and (ours - theirs).abs().max() < 1e-5
+
+
+def test_cli_aligns_a_stable_diffusion_xl_pipeline(saved, tmp_path):
+    main(["align", "awm", "--model", str(saved / "sdxl"), "--prompts", *PROMPTS[:2], "--output_dir", str(tmp_path),
+          "--max_train_steps", "2", "--validation_steps", "2", *SMALL])
+    assert json.loads((tmp_path / "train_summary.json").read_text())["finished"]
+    aligned = StableDiffusionXLPipeline.from_pretrained(tmp_path)
+    base = tiny_sdxl_pipeline()
+    assert max((a - b).abs().max().item() for a, b in zip(aligned.unet.parameters(), base.unet.parameters())) > 0
+    assert aligned(PROMPTS[0], num_inference_steps=2, output_type="np").images.shape[0] == 1
 
 
 def _dynamic_shift():
