@@ -164,6 +164,15 @@ class FlowShift:
         m = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
         return image_seq_len * m + self.base_shift - m * self.base_image_seq_len
 
+    def static_shift(self, mu: float) -> float:
+        """The static ``shift`` that moves sigmas as the dynamic shift with ``mu`` does: exp(mu) / (exp(mu) +
+        1/s - 1) = k s / (1 + (k - 1) s) with k = exp(mu) (exponential time shift), and k = mu for linear."""
+        if self.time_shift_type == "exponential":
+            return math.exp(mu)
+        if self.time_shift_type == "linear":
+            return float(mu)
+        raise ValueError(f"time_shift_type {self.time_shift_type!r}; use 'exponential' or 'linear'.")
+
 
 class NoiseSchedule:
     """alpha_t, sigma_t, lambda_t of a VP or flow-matching diffusion, and output conversions.

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -204,20 +203,16 @@ def prompt_conditioned_flux(pipeline: Any, prompts: list[str], resolution: int) 
 def flux_rollout_scheduler_config(pipeline: Any, resolution: int) -> dict[str, Any]:
     """The pipeline's scheduler config with its resolution-dependent shift fixed for ``resolution``.
 
-    FluxPipeline shifts sigmas by mu = calculate_shift(image tokens) (``use_dynamic_shifting``); at one
-    resolution that is the static shift exp(mu) (exponential time shift) or mu (linear), which a plain
+    FluxPipeline shifts sigmas by mu of the image's token count (``use_dynamic_shifting``); at one resolution
+    that is a static shift (:meth:`~difflab.schedule.FlowShift.static_shift`), which a plain
     ``set_timesteps(num_inference_steps)`` can use.
     """
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
     config = dict(pipeline.scheduler.config)
-    if not config.get("use_dynamic_shifting"):
+    flow_shift = NoiseSchedule.from_config(config).flow_shift
+    if not flow_shift.use_dynamic_shifting:
         return config
     tokens = (flux_latent_size(pipeline, resolution) // 2) ** 2
-    mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-    shift = math.exp(mu) if config.get("time_shift_type", "exponential") == "exponential" else mu
-    return {**config, "use_dynamic_shifting": False, "shift": shift}
+    return {**config, "use_dynamic_shifting": False, "shift": flow_shift.static_shift(flow_shift.mu_for_seq_len(tokens))}
 
 
 def with_components(pipeline: Any, **components: Any) -> Any:
