@@ -78,7 +78,8 @@ def _sample(args: argparse.Namespace) -> None:
         else:
             steps, guidance = sampling.recommended_settings(args.model, args.steps, args.guidance_scale, None)
             path = sampling.sample_pipeline_grid(pipe, args.scheduler, steps, guidance, args.prompt,
-                                                 args.num_per_class, args.seed, args.out)
+                                                 args.num_per_class, args.seed, args.out,
+                                                 sampling.saved_image_size(args.model))
     print(f"wrote {path}")
 
 

@@ -61,6 +61,14 @@ def recommended_settings(model: str, steps: int | None, guidance_scale: float | 
             guidance_scale if guidance_scale is not None else saved.get("guidance_scale", default_guidance))
 
 
+def saved_image_size(model: str) -> dict[str, int]:
+    """The ``height`` / ``width`` a pipeline directory's ``difflab_sampling.json`` asks for (a Flux student made at
+    another size than the pipeline's default), else none."""
+    settings = Path(model) / "difflab_sampling.json"
+    saved = json.loads(settings.read_text()) if settings.is_file() else {}
+    return {key: int(saved[key]) for key in ("height", "width") if key in saved}
+
+
 def sample_digits_grid(
     model: str,
     scheduler_name: str | None,
@@ -97,9 +105,11 @@ def sample_pipeline_grid(
     num_per_row: int,
     seed: int,
     out: Path,
+    image_size: dict[str, int] | None = None,
 ) -> Path:
     """Sample another diffusers pipeline into a grid: one row per prompt for text pipelines (Stable Diffusion,
-    SD3, Flux, ...), one row for unconditional ones (DDPMPipeline). ``guidance_scale`` None: the pipeline's."""
+    SD3, Flux, ...), one row for unconditional ones (DDPMPipeline). ``guidance_scale`` None: the pipeline's;
+    ``image_size``: ``height`` / ``width`` for the call (None: the pipeline's)."""
     from diffusers.utils import make_image_grid
 
     parameters = inspect.signature(pipe.__call__).parameters
@@ -110,7 +120,8 @@ def sample_pipeline_grid(
         raise ValueError(f"{type(pipe).__name__} is unconditional: it takes no --prompt or --guidance-scale.")
     if scheduler_name is not None:
         pipe.scheduler = get_scheduler(scheduler_name, pipe.scheduler.config)
-    call = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(seed), "output_type": "pil"}
+    call = {"num_inference_steps": steps, "generator": torch.Generator().manual_seed(seed), "output_type": "pil",
+            **(image_size or {})}
     if text:
         rows = list(prompts)
         call["prompt"] = [p for p in rows for _ in range(num_per_row)]

@@ -422,57 +422,35 @@ def pipeline_problem(pipeline: Any, reward: Reward, prompts: list[str] | None = 
     packed) space with the pipeline's own scheduler; the reward sees VAE-decoded images in [-1, 1] and the
     prompts."""
     from .pipelines import (
-        decode_latents,
+        ModelSpace,
+        checked_resolution,
+        denoiser_component,
         flux_rollout_scheduler_config,
         is_flux_pipeline,
-        is_sd3_pipeline,
-        is_sdxl_pipeline,
-        is_text_pipeline,
-        prompt_conditioned_flux,
-        prompt_conditioned_sdxl,
-        prompt_conditioned_transformer,
-        prompt_conditioned_unet,
+        is_text_conditioned,
+        prompt_conditioned,
     )
 
-    sd3, flux, sdxl = is_sd3_pipeline(pipeline), is_flux_pipeline(pipeline), is_sdxl_pipeline(pipeline)
-    text = sd3 or flux or sdxl or is_text_pipeline(pipeline, name)
+    text = is_text_conditioned(pipeline, name)
     if text and not prompts:
         raise ValueError(f"{name} is text-conditioned: pass the prompts to align it on (--prompts).")
     if not text and prompts:
         raise ValueError(f"{name} is unconditional: it takes no prompts; drop --prompts.")
-    if resolution is not None and not flux:
-        raise ValueError(f"--resolution applies to Flux pipelines; {name} samples at its denoiser's sample_size.")
+    space = ModelSpace(pipeline, checked_resolution(pipeline, resolution, name))
+    component = denoiser_component(pipeline)
+    net = prompt_conditioned(pipeline, prompts, space.resolution) if text else getattr(pipeline, component).float()
     scheduler_config, scheduler_cls = dict(pipeline.scheduler.config), type(pipeline.scheduler)
-    vae = getattr(pipeline, "vae", None)
-    decode = None if vae is None else (lambda x: decode_latents(vae, x))
     saved_scheduler = None
-    if flux:
-        resolution = resolution or pipeline.default_sample_size * pipeline.vae_scale_factor
-        net = prompt_conditioned_flux(pipeline, prompts, resolution)
-        scheduler_config = flux_rollout_scheduler_config(pipeline, resolution)
-        sample_shape = (len(net.image_ids), pipeline.transformer.config.in_channels)
-        decode = lambda x: decode_latents(vae, pipeline._unpack_latents(x, resolution, resolution,  # noqa: E731
-                                                                         pipeline.vae_scale_factor))
+    if is_flux_pipeline(pipeline):
+        scheduler_config = flux_rollout_scheduler_config(pipeline, space.resolution)
         saved_scheduler = lambda: pipeline.scheduler  # noqa: E731 -- its own (resolution-dependent) shift
-    else:
-        denoiser = pipeline.transformer if sd3 else pipeline.unet
-        if sd3:
-            net = prompt_conditioned_transformer(pipeline, prompts)
-        elif sdxl:
-            net = prompt_conditioned_sdxl(pipeline, prompts)
-        elif text:
-            net = prompt_conditioned_unet(pipeline, denoiser.float(), prompts)
-        else:
-            net = denoiser.float()
-        size = denoiser.config.sample_size
-        sample_shape = (denoiser.config.in_channels, size, size)
     problem = AlignProblem(
         net=net, schedule=NoiseSchedule.from_config(scheduler_config),
         prediction_type=NoiseSchedule.model_prediction_type(scheduler_config),
-        make_scheduler=lambda: scheduler_cls.from_config(scheduler_config), sample_shape=sample_shape,
-        reward=reward, group_labels=torch.arange(len(prompts)) if text else None, name=name, decode=decode,
-        prompts=list(prompts) if text else None, pipeline=pipeline,
-        component="transformer" if sd3 or flux else "unet", saved_scheduler=saved_scheduler)
+        make_scheduler=lambda: scheduler_cls.from_config(scheduler_config), sample_shape=space.sample_shape,
+        reward=reward, group_labels=torch.arange(len(prompts)) if text else None, name=name,
+        decode=space.decode if space.vae is not None else None, prompts=list(prompts) if text else None,
+        pipeline=pipeline, component=component, saved_scheduler=saved_scheduler)
     problem.evaluate = lambda net_, steps: evaluate_pipeline_policy(problem, net_, steps, eval_samples)
     return problem
 

@@ -38,11 +38,28 @@ from .nets import OneStepGenerator, inner_module
 SAMPLING_FILE = "difflab_sampling.json"  # recommended call settings of a saved pipeline (read by `difflab sample`)
 
 
+def feature_block(network: nn.Module) -> nn.Module:
+    """The block whose activations feed the discriminator head: a UNet's mid block (its bottleneck), or the middle
+    one of a transformer's (Stable Diffusion 3, Flux) ``transformer_blocks``."""
+    if getattr(network, "mid_block", None) is not None:
+        return network.mid_block
+    blocks = getattr(network, "transformer_blocks", None)
+    if not blocks:
+        raise ValueError(f"{type(network).__name__} has neither a mid_block nor transformer_blocks to take the "
+                         "discriminator's features from.")
+    return blocks[len(blocks) // 2]
+
+
 def unet_mid_features(module: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
                       **cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(UNet output, flattened mid-block activations) of one call: the discriminator head's input."""
+    """(denoiser output, flattened activations of its :func:`feature_block`) of one call: the discriminator head's
+    input. A transformer block returns (text stream, image stream); the image stream is taken."""
     captured: dict[str, torch.Tensor] = {}
-    handle = inner_module(module).mid_block.register_forward_hook(lambda _m, _i, out: captured.__setitem__("h", out))
+
+    def keep(_module, _inputs, out):
+        captured["h"] = out[-1] if isinstance(out, tuple) else out
+
+    handle = feature_block(inner_module(module)).register_forward_hook(keep)
     try:
         out = module(x_t, t, **cond).sample
     finally:
@@ -91,6 +108,8 @@ class UNetDistillProblem:
     pipeline: Any = None
     prompts: list[str] | None = None
     initial_generator: dict | None = None  # the UNet state dict of a student to start from (--init_generator)
+    component: str = "unet"  # the pipeline component the denoiser is ("transformer": Stable Diffusion 3, Flux)
+    space: Any = None  # a pipeline's ModelSpace (difflab.distill.pipelines): decodes samples to images
 
     @property
     def is_digits(self) -> bool:
@@ -110,6 +129,19 @@ class UNetDistillProblem:
             vae.to(device)
         return self
 
+    def call_settings(self) -> dict[str, Any]:
+        """How the saved one-step pipeline is called: one step, for a conditional model without classifier-free
+        guidance (a Flux model with embedded guidance, FLUX.1-dev: the value the student was trained at), and for
+        Flux at the image size the student learned (FluxPipeline's default is its own)."""
+        settings: dict[str, Any] = {"num_inference_steps": 1}
+        if self.num_classes:
+            net = inner_module(self.teacher_net)
+            embedded = getattr(net.config, "guidance_embeds", False)
+            settings["guidance_scale"] = float(self.teacher_net.guidance_scale) if embedded else 1.0
+        if self.space is not None and self.space.packed:
+            settings.update(height=self.space.resolution, width=self.space.resolution)
+        return settings
+
     @cached_property
     def feature_dim(self) -> int:
         """Width of the discriminator head's input: the teacher's mid-block activations of one sample."""
@@ -120,7 +152,7 @@ class UNetDistillProblem:
             return self.teacher_features(x, t, labels).shape[1]
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
+    def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.images.shape[1:])
 
     def t_bounds(self, config: FDistillConfig) -> tuple[float, float]:
@@ -217,17 +249,16 @@ def one_step_pipeline(generator: OneStepGenerator, problem: UNetDistillProblem):
         return DigitsPipeline(unet=unet, scheduler=scheduler)
     from .pipelines import with_components
 
-    return with_components(problem.pipeline, unet=unet, scheduler=scheduler)
+    return with_components(problem.pipeline, **{problem.component: unet}, scheduler=scheduler)
 
 
 def save_one_step_pipeline(generator: OneStepGenerator, problem: UNetDistillProblem, output_dir: str | Path,
                            extra: dict | None = None) -> Path:
-    """Save the one-step pipeline and its call settings (one step; no guidance, for conditional models) to
+    """Save the one-step pipeline and its call settings (:meth:`UNetDistillProblem.call_settings`) to
     ``output_dir``."""
     output_dir = Path(output_dir)
     one_step_pipeline(generator, problem).save_pretrained(output_dir)
-    guidance = {} if problem.num_classes == 0 else {"guidance_scale": 1.0}  # unconditional pipelines take none
-    settings = {"num_inference_steps": 1, **guidance, **(extra or {})}
+    settings = {**problem.call_settings(), **(extra or {})}
     (output_dir / SAMPLING_FILE).write_text(json.dumps(settings, indent=1) + "\n")
     return output_dir
 

@@ -1,10 +1,10 @@
-"""One-step distillation of diffusers UNet pipelines beyond the digits models.
+"""One-step distillation (and alignment) of diffusers pipelines beyond the digits models.
 
 Two kinds of teacher join the digits models (:mod:`difflab.distill.digits`):
 
 * unconditional ``UNet2DModel`` pipelines (``DDPMPipeline``, ``DDIMPipeline``);
-* text-conditioned ``UNet2DConditionModel`` pipelines (``StableDiffusionPipeline`` and its relatives), in
-  the VAE's latent space.
+* text-conditioned latent pipelines: Stable Diffusion 1.x / 2.x and XL (``UNet2DConditionModel``), Stable
+  Diffusion 3 (``SD3Transformer2DModel``) and Flux (``FluxTransformer2DModel``, at one ``--resolution``).
 
 Both become a :class:`~difflab.distill.digits.UNetDistillProblem`, so the f-distill and DisBack steps run
 on them unchanged:
@@ -12,16 +12,20 @@ on them unchanged:
 * Real data, which the discriminator needs (f-distill's density ratio comes from it), are read from an
   image folder in the layout of diffusers' training examples: image files, and for text pipelines a
   ``metadata.jsonl`` with a ``file_name`` and a ``text`` per line (``train_text_to_image.py``'s
-  ``imagefolder``; another caption key with ``--caption_column``). Images are resized (shorter side) and centre-cropped to the pipeline's resolution.
-* Latent pipelines encode the real images once with the VAE (``latent_dist.mean * scaling_factor``).
-* The captions form a finite prompt set. Each is encoded once by the pipeline's ``encode_prompt``, and
-  :class:`PromptConditionedUNet` calls the UNet with the embedding of the prompt whose index arrives as
-  ``class_labels``. The engine's class-label plumbing thus carries the prompts. The empty prompt is the
-  extra last index, the null label of classifier-free guidance.
+  ``imagefolder``; another caption key with ``--caption_column``). Images are resized (shorter side) and
+  centre-cropped to the pipeline's resolution.
+* :class:`ModelSpace` is where the denoiser samples: latent pipelines encode the real images once with the VAE
+  (``(latent_dist.mean - shift_factor) * scaling_factor``; Flux then packs them 2x2 into tokens).
+* The captions form a finite prompt set. Each is encoded once by the pipeline's ``encode_prompt``, and a
+  :class:`PromptTable` wrapper calls the denoiser with the embeddings of the prompt whose index arrives as
+  ``class_labels`` (with SDXL's size conditioning, Flux's position ids and embedded guidance, as the pipelines
+  pass them). The engine's class-label plumbing thus carries the prompts. The empty prompt is the extra last
+  index, the null label of classifier-free guidance. ``difflab align`` drives the same wrappers.
 
-The result is the teacher pipeline with the generator's UNet and a one-step scheduler, written with
-``save_pretrained``. For a text pipeline:
-``StableDiffusionPipeline.from_pretrained(DIR)(prompt, num_inference_steps=1, guidance_scale=1.0)``.
+The result is the teacher pipeline with the generator's UNet or transformer and a one-step scheduler, written
+with ``save_pretrained``. For a text pipeline:
+``StableDiffusionPipeline.from_pretrained(DIR)(prompt, num_inference_steps=1, guidance_scale=1.0)`` (the
+settings are in the directory's ``difflab_sampling.json``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import inspect
 import json
 import warnings
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +218,83 @@ def flux_rollout_scheduler_config(pipeline: Any, resolution: int) -> dict[str, A
     return {**config, "use_dynamic_shifting": False, "shift": flow_shift.static_shift(flow_shift.mu_for_seq_len(tokens))}
 
 
+def is_text_conditioned(pipeline: Any, name: str = "the pipeline") -> bool:
+    """Whether a non-digits pipeline is text-conditioned (Stable Diffusion 1.x / 2.x / XL / 3, Flux) rather than
+    unconditional (DDPMPipeline); ValueError for the ones distill and align cannot drive."""
+    if is_sd3_pipeline(pipeline) or is_flux_pipeline(pipeline) or is_sdxl_pipeline(pipeline):
+        return True
+    return is_text_pipeline(pipeline, name)
+
+
+def denoiser_component(pipeline: Any) -> str:
+    """The pipeline component that is the denoiser: ``"transformer"`` (Stable Diffusion 3, Flux) or ``"unet"``."""
+    return "transformer" if is_sd3_pipeline(pipeline) or is_flux_pipeline(pipeline) else "unet"
+
+
+def prompt_conditioned(pipeline: Any, prompts: list[str], resolution: int | None = None) -> PromptTable:
+    """The text pipeline's denoiser behind tables of the prompts' embeddings by its own ``encode_prompt`` (the
+    empty prompt as the extra last row, the null label): Stable Diffusion 1.x / 2.x / XL / 3, or Flux at
+    ``resolution`` pixels (default: its own)."""
+    if is_flux_pipeline(pipeline):
+        return prompt_conditioned_flux(pipeline, prompts, resolution or default_resolution(pipeline))
+    if is_sd3_pipeline(pipeline):
+        return prompt_conditioned_transformer(pipeline, prompts)
+    if is_sdxl_pipeline(pipeline):
+        return prompt_conditioned_sdxl(pipeline, prompts)
+    return prompt_conditioned_unet(pipeline, pipeline.unet.float(), prompts)
+
+
+def default_resolution(pipeline: Any) -> int:
+    """The image side in pixels that the pipeline samples at by default."""
+    if is_flux_pipeline(pipeline):
+        return pipeline.default_sample_size * pipeline.vae_scale_factor
+    vae = getattr(pipeline, "vae", None)
+    scale = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+    return getattr(pipeline, denoiser_component(pipeline)).config.sample_size * scale
+
+
+def checked_resolution(pipeline: Any, resolution: int | None, name: str = "the pipeline") -> int:
+    """``resolution`` (default: the pipeline's own), or a ValueError for a pipeline that samples at one size only."""
+    if resolution is not None and not is_flux_pipeline(pipeline):
+        raise ValueError(f"--resolution applies to Flux pipelines; {name} samples at its denoiser's sample_size.")
+    return resolution or default_resolution(pipeline)
+
+
+class ModelSpace:
+    """Where a pipeline's denoiser samples at one resolution: VAE latents (for Flux packed 2x2 into tokens of
+    ``in_channels``) or pixels. ``encode`` maps images in [-1, 1] there and ``decode`` maps samples back."""
+
+    def __init__(self, pipeline: Any, resolution: int):
+        self.pipeline, self.resolution = pipeline, int(resolution)
+        self.vae = getattr(pipeline, "vae", None)
+        self.packed = is_flux_pipeline(pipeline)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        denoiser = getattr(self.pipeline, denoiser_component(self.pipeline))
+        if self.packed:
+            return ((flux_latent_size(self.pipeline, self.resolution) // 2) ** 2, denoiser.config.in_channels)
+        size = denoiser.config.sample_size
+        return (denoiser.config.in_channels, size, size)
+
+    @property
+    def image_channels(self) -> int:
+        return self.vae.config.in_channels if self.vae is not None else self.sample_shape[0]
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return images
+        latents = encode_images(self.vae, images)
+        if self.packed:
+            latents = self.pipeline._pack_latents(latents, *latents.shape)
+        return latents
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            x = self.pipeline._unpack_latents(x, self.resolution, self.resolution, self.pipeline.vae_scale_factor)
+        return decode_latents(self.vae, x)
+
+
 def with_components(pipeline: Any, **components: Any) -> Any:
     """A new pipeline of ``pipeline``'s class with some components replaced (no safety-checker warning)."""
     kwargs = {**pipeline.components, **components}
@@ -336,16 +416,19 @@ def is_digits_pipeline(pipeline: Any) -> bool:
 
 
 def distill_problem(model: str, guidance_scale: float = 1.0, train_data_dir: str | None = None,
-                    progress: bool = False, caption_column: str = "text") -> UNetDistillProblem:
+                    progress: bool = False, caption_column: str = "text",
+                    resolution: int | None = None) -> UNetDistillProblem:
     """The distillation problem of ``--model``: a digits model (built-in name or DigitsPipeline directory), or a
-    diffusers UNet pipeline directory with real training images in ``train_data_dir``."""
+    diffusers pipeline directory with real training images in ``train_data_dir``."""
     from ..models import load
 
     pipeline = load(model)
     if is_digits_pipeline(pipeline):
+        if resolution is not None:
+            raise ValueError("--resolution applies to Flux pipelines; the digits models are 16x16.")
         return digits_distill_problem(pipeline, guidance_scale)
     return pipeline_distill_problem(pipeline, train_data_dir, guidance_scale, name=str(model), progress=progress,
-                                    caption_column=caption_column)
+                                    caption_column=caption_column, resolution=resolution)
 
 
 def is_text_pipeline(pipeline: Any, name: str = "the pipeline") -> bool:
@@ -360,11 +443,9 @@ def is_text_pipeline(pipeline: Any, name: str = "the pipeline") -> bool:
     return conditioning == "text"
 
 
-def _checked_unet(pipeline: Any, name: str, train_data_dir: str | Path | None,
-                  guidance_scale: float) -> tuple[nn.Module, bool]:
-    """The pipeline's UNet and whether it is text-conditioned, or a ValueError saying why this teacher cannot
-    be distilled as asked."""
-    text = is_text_pipeline(pipeline, name)
+def _checked_teacher(pipeline: Any, name: str, train_data_dir: str | Path | None, guidance_scale: float) -> bool:
+    """Whether the teacher is text-conditioned, or a ValueError saying why it cannot be distilled as asked."""
+    text = is_text_conditioned(pipeline, name)
     if train_data_dir is None:
         raise ValueError(f"--train_data_dir is needed to distil {name}: a folder of real training images (the "
                          "discriminator's data)" + (", with a metadata.jsonl of captions." if text else "."))
@@ -373,7 +454,7 @@ def _checked_unet(pipeline: Any, name: str, train_data_dir: str | Path | None,
     if not text and guidance_scale != 1.0:
         raise ValueError(f"{name} is unconditional: classifier-free guidance needs a conditional teacher; "
                          "leave --guidance_scale at 1.")
-    return pipeline.unet, text
+    return text
 
 
 def prompt_conditioned_unet(pipeline: Any, unet: nn.Module, prompts: list[str]) -> PromptConditionedUNet:
@@ -383,30 +464,36 @@ def prompt_conditioned_unet(pipeline: Any, unet: nn.Module, prompts: list[str]) 
 
 
 def pipeline_distill_problem(pipeline: Any, train_data_dir: str | Path | None, guidance_scale: float = 1.0,
-                             name: str = "the pipeline", progress: bool = False,
-                             caption_column: str = "text") -> UNetDistillProblem:
-    """The problem of a loaded diffusers pipeline with a ``UNet2DModel`` (unconditional) or a
-    ``UNet2DConditionModel`` (text-conditioned) and the real images of ``train_data_dir`` (captions: the
-    ``caption_column`` of its metadata.jsonl)."""
-    unet, text = _checked_unet(pipeline, name, train_data_dir, guidance_scale)
-    vae = getattr(pipeline, "vae", None)
-    pixel_size = unet.config.sample_size * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
-    channels = vae.config.in_channels if vae is not None else unet.config.in_channels
-    encode = None if vae is None else partial(encode_images, vae.float().eval())
-    data, captions = load_image_folder(train_data_dir, pixel_size, channels, caption_column if text else None,
-                                       encode, progress)
+                             name: str = "the pipeline", progress: bool = False, caption_column: str = "text",
+                             resolution: int | None = None) -> UNetDistillProblem:
+    """The problem of a loaded diffusers pipeline (DDPMPipeline; Stable Diffusion 1.x / 2.x / XL / 3; Flux at
+    ``resolution`` pixels) and the real images of ``train_data_dir`` (captions: the ``caption_column`` of its
+    metadata.jsonl), held in the denoiser's space (:class:`ModelSpace`)."""
+    text = _checked_teacher(pipeline, name, train_data_dir, guidance_scale)
+    space = ModelSpace(pipeline, checked_resolution(pipeline, resolution, name))
+    if space.vae is not None:
+        space.vae.float().eval()
+    data, captions = load_image_folder(train_data_dir, space.resolution, space.image_channels,
+                                       caption_column if text else None,
+                                       None if space.vae is None else space.encode, progress)
     scheduler_config = dict(pipeline.scheduler.config)
+    if is_flux_pipeline(pipeline):
+        scheduler_config = flux_rollout_scheduler_config(pipeline, space.resolution)
     prediction_type = NoiseSchedule.model_prediction_type(scheduler_config)
-    net, labels, prompts = unet.float().eval().requires_grad_(False), None, None
+    component = denoiser_component(pipeline)
+    labels, prompts = None, None
+    net = getattr(pipeline, component).float()
     if text:
         prompts = sorted(set(captions))
         index = {prompt: i for i, prompt in enumerate(prompts)}
         labels = torch.tensor([index[c] for c in captions])
-        net = prompt_conditioned_unet(pipeline, net, prompts)
+        net = prompt_conditioned(pipeline, prompts, space.resolution)
+    net = net.eval().requires_grad_(False)
     teacher = net if guidance_scale == 1.0 else GuidedDenoiser(net, guidance_scale, net.null_label)
     return UNetDistillProblem(NoiseSchedule.from_config(scheduler_config), ScoreModel(teacher, prediction_type), net,
                               prediction_type, data, labels, scheduler_config,
-                              num_classes=0 if prompts is None else len(prompts), pipeline=pipeline, prompts=prompts)
+                              num_classes=0 if prompts is None else len(prompts), pipeline=pipeline, prompts=prompts,
+                              component=component, space=space)
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,7 +515,7 @@ def pipeline_student_images(generator: nn.Module, problem: UNetDistillProblem, p
     x0 = generator(z.to(device), labels)
     generator.train(was_training)
     names = None if problem.prompts is None else problem.prompts[:rows]
-    return decode_latents(getattr(problem.pipeline, "vae", None), x0).cpu(), names
+    return problem.space.decode(x0).cpu(), names
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, cols: int, min_size: int = 64) -> Path:

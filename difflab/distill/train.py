@@ -16,6 +16,9 @@ Data and teacher, one of:
   discriminator's real data (:mod:`difflab.distill.digits`). Validation every ``--validation_steps``
   logs FD-digits and class accuracy of the EMA generator and writes ``validation-N.png``; the result is
   a one-step DigitsPipeline directory (``difflab sample --model OUTPUT_DIR`` uses one step, no guidance).
+* ``--model DIR`` of a diffusers DDPMPipeline, Stable Diffusion 1.x / 2.x / XL / 3 or Flux pipeline, with real
+  images (and captions) in ``--train_data_dir`` (:mod:`difflab.distill.pipelines`); the result is a one-step
+  pipeline of the teacher's class.
 * otherwise the built-in mixture (``--mixture ring8``: the 2-D ring of 8 unequal modes of
   ``difflab bench distill``; ``--mixture random``: ``--num_modes`` random modes in ``--dim``
   dimensions), whose exact denoiser (``GMMDenoiser``) is the teacher score and whose exact samples are
@@ -29,7 +32,7 @@ bfloat16 autocast of the training forward passes; fp16 is refused, there is no l
 (losses and validation metrics to accelerate's trackers, e.g. tensorboard under ``output_dir/logs``);
 an ``Accelerator`` whose ``prepare`` wraps the trained networks (gradients all-reduced across
 processes), the f-distill normalizations all-reduced by :func:`~difflab.distill.engine.global_sum`.
-UNet teachers (digits and pipelines) train on the process's GPU when CUDA is available, else on the CPU;
+Pipeline teachers (digits included) train on the process's GPU when CUDA is available, else on the CPU;
 random draws always come from seeded CPU generators, so a run repeats itself on either. The 2-D mixture's
 networks are tiny and stay on the CPU. Checkpoints are written by the main process
 as ``output_dir/checkpoint-{step}/state.pt`` (the newest ``--checkpoints_total_limit`` are kept); a
@@ -79,12 +82,16 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add = parser.add_argument
     add("--output_dir", required=True, help="Where checkpoints, nodes (DisBack) and the final generator go.")
     add("--model", default=None,
-        help="Teacher pipeline: digits-ddpm, digits-flow, a DigitsPipeline directory, or a diffusers DDPMPipeline / "
-             "Stable Diffusion directory with --train_data_dir (default: a Gaussian mixture, see --mixture).")
+        help="Teacher pipeline: digits-ddpm, digits-flow, a DigitsPipeline directory, or a diffusers DDPMPipeline, "
+             "Stable Diffusion 1.x / 2.x / XL / 3 or Flux directory with --train_data_dir (default: a Gaussian "
+             "mixture, see --mixture).")
     add("--train_data_dir", default=None,
         help="Real training images for a --model that is not a digits model (the discriminator's data): a folder of "
              "images, with a metadata.jsonl of {\"file_name\": ..., \"text\": CAPTION} lines for text pipelines.")
     add("--caption_column", default="text", help="Text pipelines: the caption key of --train_data_dir's metadata.jsonl.")
+    add("--resolution", type=int, default=None,
+        help="Flux teachers: the image size in pixels the student learns (default: the pipeline's own, 1024 for "
+             "FLUX.1); the training images are resized to it.")
     add("--guidance_scale", type=float, default=1.0, help="Classifier-free guidance of a --model teacher (1 = none).")
     add("--generator_timestep", default="auto",
         help="Diffusers timestep at which the generator's UNet sees pure noise: a number, 'max', or 'auto' (the "
@@ -200,6 +207,8 @@ def build_config(args: argparse.Namespace):
         raise ValueError("--guidance_scale applies to a --model teacher; the mixture teacher is the exact score.")
     if args.model is None and args.train_data_dir is not None:
         raise ValueError("--train_data_dir applies to a --model teacher; the mixture's real data are exact samples.")
+    if args.model is None and args.resolution is not None:
+        raise ValueError("--resolution applies to a Flux --model teacher, not to the mixture.")
     if args.model is None and args.init_generator is not None:
         raise ValueError("--init_generator applies to a --model teacher (a one-step pipeline directory).")
     parse_generator_timestep(args.generator_timestep)
@@ -245,7 +254,7 @@ def run_settings(args: argparse.Namespace, config) -> dict[str, Any]:
     for key in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit"):
         base.pop(key, None)
     run = {k: getattr(args, k, None) for k in ("method", "model", "init_generator", "train_data_dir", "guidance_scale",
-                                             "mixture", "dim", "num_modes", "teacher_steps")}
+                                             "resolution", "mixture", "dim", "num_modes", "teacher_steps")}
     return json.loads(json.dumps({**run, "generator_timestep": args.generator_timestep, **hyper}))
 
 
@@ -264,7 +273,7 @@ def set_initial_generator(problem, args: argparse.Namespace) -> None:
 
 
 def load_one_step_student(path: Path, problem) -> tuple[torch.nn.Module, float]:
-    """(UNet, timestep of its one step) of a one-step pipeline that ``difflab distill`` wrote for the teacher of
+    """(UNet or transformer, timestep of its one step) of a one-step pipeline that ``difflab distill`` wrote for the teacher of
     ``problem``, or a ValueError saying why it is not one."""
     from ..models import load
     from ..schedule import NoiseSchedule, canonical_prediction_type
@@ -276,7 +285,7 @@ def load_one_step_student(path: Path, problem) -> tuple[torch.nn.Module, float]:
         raise ValueError(f"--init_generator {path} is not a one-step pipeline written by difflab distill (no "
                          f"{SAMPLING_FILE} with num_inference_steps 1); pass the output_dir of a finished run.")
     pipeline = load(str(path))
-    unet, teacher_unet = getattr(pipeline, "unet", None), inner_module(problem.teacher_net)
+    unet, teacher_unet = getattr(pipeline, problem.component, None), inner_module(problem.teacher_net)
     if type(unet) is not type(teacher_unet):
         raise ValueError(f"--init_generator {path} holds a {type(unet).__name__}, the teacher a "
                          f"{type(teacher_unet).__name__}; pass a student of this teacher.")
@@ -286,7 +295,7 @@ def load_one_step_student(path: Path, problem) -> tuple[torch.nn.Module, float]:
                          "pass a student of this teacher.")
     mismatch = state_dict_mismatch(teacher_unet.state_dict(), unet.state_dict())
     if mismatch:
-        raise ValueError(f"--init_generator {path}: its UNet's weights do not match the teacher's ({mismatch}: "
+        raise ValueError(f"--init_generator {path}: its {problem.component}'s weights do not match the teacher's ({mismatch}: "
                          "another architecture); pass a student of this teacher.")
     pipeline.scheduler.set_timesteps(1)
     return unet, float(pipeline.scheduler.timesteps[0])
@@ -429,7 +438,7 @@ def build_problem(args: argparse.Namespace, progress: bool):
         from .pipelines import distill_problem
 
         return distill_problem(args.model, args.guidance_scale, args.train_data_dir, progress,
-                               args.caption_column), None
+                               args.caption_column, args.resolution), None
     mixture, schedule = build_mixture(args), NoiseSchedule.from_config(SCHEDULE)
     teacher_net = fit_mlp_teacher(mixture, schedule, "epsilon", steps=args.teacher_steps, hidden=args.teacher_hidden,
                                   depth=args.teacher_depth, seed=args.seed, progress=progress)
@@ -568,7 +577,7 @@ def _finish_pipeline(args: argparse.Namespace, output_dir: Path, state, problem)
     save_one_step_pipeline(ema, problem, output_dir, {"teacher": args.model, "method": args.method,
                                                        "divergence": args.divergence})
     save_pipeline_student_grid(ema, problem, output_dir / "samples.png", seed=args.seed + 1, write_prompts=True)
-    call = "num_inference_steps=1" + (", guidance_scale=1.0" if problem.prompts is not None else "")
+    call = ", ".join(f"{key}={value:g}" for key, value in problem.call_settings().items())
     print(f"wrote the one-step {type(problem.pipeline).__name__} {output_dir} and {output_dir / 'samples.png'} "
           f"(call it with {call})")
     return {}

@@ -127,12 +127,13 @@ def unet_conditioning(pipeline: Any, name: str = "the pipeline") -> str:
     if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
         raise ValueError(f"{name} ({type(pipeline).__name__}) is not a diffusion pipeline with a UNet difflab can use "
                          "(no UNet2DModel / UNet2DConditionModel as pipe.unet); use the digits models, DDPMPipeline / "
-                         "DDIMPipeline or Stable Diffusion 1.x / 2.x (difflab align also takes SDXL, Stable Diffusion 3 and Flux).")
+                         "DDIMPipeline or Stable Diffusion 1.x / 2.x (difflab distill and align also take SDXL, Stable Diffusion 3 "
+                         "and Flux).")
     if isinstance(unet, UNet2DModel):
         return "class" if unet.config.num_class_embeds else "none"
     if getattr(unet.config, "addition_embed_type", None):
         raise ValueError(f"{name}: UNets with added conditioning ({unet.config.addition_embed_type}, e.g. SDXL) are "
-                         "not supported; use a Stable Diffusion 1.x / 2.x pipeline (difflab align also takes SDXL).")
+                         "not supported; use a Stable Diffusion 1.x / 2.x pipeline (difflab distill and align also take SDXL).")
     if not callable(getattr(pipeline, "encode_prompt", None)):
         raise ValueError(f"{name} ({type(pipeline).__name__}) has no encode_prompt; use a Stable Diffusion pipeline.")
     return "text"

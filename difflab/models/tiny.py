@@ -378,8 +378,9 @@ def tiny_sd3_pipeline(scheduler: Any = None) -> StableDiffusion3Pipeline:
     return _finish(pipe)
 
 
-def tiny_flux_pipeline(scheduler: Any = None) -> FluxPipeline:
-    """Tiny Flux pipeline (CLIP + T5, packed 2x2 latents), random weights, flow matching.
+def tiny_flux_pipeline(scheduler: Any = None, guidance_embeds: bool = False) -> FluxPipeline:
+    """Tiny Flux pipeline (CLIP + T5, packed 2x2 latents), random weights, flow matching; ``guidance_embeds``: a
+    transformer that takes the guidance value as an input, as FLUX.1-dev's does.
 
     Note: ``FluxPipeline`` always calls ``scheduler.set_timesteps(sigmas=..., mu=...)``
     (unless the scheduler config has ``use_flow_sigmas=True``), so a replacement
@@ -396,6 +397,7 @@ def tiny_flux_pipeline(scheduler: Any = None) -> FluxPipeline:
         joint_attention_dim=32,
         pooled_projection_dim=32,
         axes_dims_rope=[4, 4, 8],
+        guidance_embeds=guidance_embeds,
     ).eval()
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(_clip_text_config_32()).eval()

@@ -6,7 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, StableDiffusionPipeline
+from diffusers import (
+    DDIMScheduler,
+    DDPMPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from safetensors.torch import load_file
@@ -15,11 +23,19 @@ from difflab.cli import main
 from difflab.distill.nets import OneStepGenerator
 from difflab.distill.pipelines import (
     PromptConditionedUNet,
+    default_resolution,
     encode_prompts,
     load_image_folder,
     pipeline_distill_problem,
+    prompt_conditioned,
 )
-from difflab.models.tiny import tiny_ddpm_pipeline, tiny_sd3_pipeline, tiny_sd_pipeline
+from difflab.models.tiny import (
+    tiny_ddpm_pipeline,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+)
 from difflab.schedule import NoiseSchedule
 
 CAPTIONS = ["a red square", "a blue circle", "a cat"]
@@ -36,6 +52,11 @@ def data(tmp_path_factory) -> Path:
     v_scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                                 set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
     tiny_sd_pipeline(v_scheduler).save_pretrained(root / "sd-v")  # as Stable Diffusion 2.x
+    tiny_sdxl_pipeline().save_pretrained(root / "sdxl")
+    tiny_sd3_pipeline().save_pretrained(root / "sd3")
+    dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, shift=3.0)
+    tiny_flux_pipeline(dynamic).save_pretrained(root / "flux")
+    tiny_flux_pipeline(guidance_embeds=True).save_pretrained(root / "flux-dev")
     rng = np.random.default_rng(0)
     for folder in ("plain", "captioned"):
         (root / folder).mkdir()
@@ -109,6 +130,48 @@ def test_text_student_is_a_one_step_stable_diffusion_pipeline(data, tmp_path, mo
         assert summary["finished"] and summary["generator_timestep"] == 999.0
 
 
+LATENT_PIPELINES = {"sdxl": (StableDiffusionXLPipeline, "unet", []),
+                    "sd3": (StableDiffusion3Pipeline, "transformer", []),
+                    "flux": (FluxPipeline, "transformer", ["--resolution", "32"]),
+                    "flux-dev": (FluxPipeline, "transformer", ["--resolution", "32"])}
+
+
+@pytest.mark.parametrize("model", list(LATENT_PIPELINES))
+def test_sdxl_sd3_and_flux_students_are_one_step_pipelines_of_their_class(data, tmp_path, model):
+    """The saved student, called by its own pipeline class with one step, gives the generator's x0 of the same
+    latents (Flux: packed tokens at --resolution, under its dynamic shift; FLUX.1-dev-like: with the embedded
+    guidance 3.5 it was trained at); DisBack refines it (--init_generator)."""
+    cls, component, extra = LATENT_PIPELINES[model]
+    _distill("f-distill", data / model, data / "captioned", tmp_path, "--guidance_scale", "2", *extra)
+    pipe, teacher = cls.from_pretrained(tmp_path), cls.from_pretrained(data / model)
+    changed = max((a - b).abs().max().item()
+                  for a, b in zip(getattr(pipe, component).parameters(), getattr(teacher, component).parameters()))
+    assert changed > 0  # the denoiser was trained
+    settings = json.loads((tmp_path / "difflab_sampling.json").read_text())
+    settings = {key: value for key, value in settings.items() if key not in ("teacher", "method", "divergence")}
+    size = {"height": 32, "width": 32} if model.startswith("flux") else {}
+    assert settings == {"num_inference_steps": 1, "guidance_scale": 3.5 if model == "flux-dev" else 1.0, **size}
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    resolution = 32 if model.startswith("flux") else None
+    net = prompt_conditioned(pipe, ["a cat"], resolution)
+    shape = (2, len(net.image_ids), 4) if resolution else (2, 4, 32, 32)
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    out = pipe(["a cat", "a cat"], latents=z, output_type="latent", **settings).images
+    student = OneStepGenerator(net, NoiseSchedule.from_config(pipe.scheduler.config), summary["generator_timestep"],
+                               prediction_type=NoiseSchedule.model_prediction_type(dict(pipe.scheduler.config)))
+    with torch.no_grad():
+        expected = student(z, torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    main(["sample", "--model", str(tmp_path), "--prompt", "a cat", "--num-per-class", "2", "--out",
+          str(tmp_path / "grid.png")])
+    side = resolution or default_resolution(pipe)  # Flux: the student's size, from difflab_sampling.json
+    assert Image.open(tmp_path / "grid.png").size == (2 * side, side)
+    if model == "sd3":
+        _distill("disback", data / model, data / "captioned", tmp_path / "refined", "--init_generator", str(tmp_path),
+                 "--num_nodes", "1", "--node_interval", "1", "--backtrack_interval", "1")
+        assert json.loads((tmp_path / "refined" / "train_summary.json").read_text())["finished"]
+
+
 def test_text_disback_resumes_to_the_same_weights(data, tmp_path):
     flags = ["--num_nodes", "2", "--node_interval", "2", "--backtrack_interval", "2", "--max_train_steps", "5"]
     _distill("disback", data / "sd", data / "captioned", tmp_path / "a", *flags)
@@ -132,8 +195,9 @@ def test_pipeline_problems_explain_what_is_missing(data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         _distill("f-distill", data / "ddpm", data / "plain", tmp_path, "--guidance_scale", "2")
     assert "unconditional" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="no UNet2DModel / UNet2DConditionModel"):
-        pipeline_distill_problem(tiny_sd3_pipeline(), data / "plain")
+    with pytest.raises(SystemExit):
+        _distill("f-distill", data / "sd3", data / "captioned", tmp_path, "--resolution", "32")
+    assert "--resolution applies to Flux pipelines" in capsys.readouterr().err
     assert not list(tmp_path.glob("checkpoint-*"))
 
 
