@@ -260,7 +260,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
                             description="Search a USF decision list (difflab.samplers.search); writes it as JSON for "
                             "USFScheduler(decisions=PATH). Resumable: run again with the same --log.")
     search.add_argument("--model", default="gmm",
-                        help="gmm (the Gaussian mixture), digits-ddpm, digits-flow or a UNet pipeline directory")
+                        help="gmm (the Gaussian mixture), digits-ddpm, digits-flow, or a pipeline directory: DDPM, Stable "
+                             "Diffusion 1.x / 2.x / XL / 3, Flux")
     search.add_argument("--nfe", type=int, nargs="+", required=True, help="model calls per sample (one search per value)")
     search.add_argument("--metric", choices=["rmse", "fd"], default="rmse",
                         help="rmse: distance to an accurate solution from the same noise; fd: FD-digits (digits models)")
@@ -275,7 +276,9 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     search.add_argument("--guidance-scale", type=float, default=1.0,
                         help="digits models and text pipelines: classifier-free guidance")
     search.add_argument("--prompts", nargs="+", default=None,
-                        help="text pipelines (Stable Diffusion): the prompts, taken in turn by the starting noises")
+                        help="text pipelines: the prompts, taken in turn by the starting noises")
+    search.add_argument("--resolution", type=int, default=None,
+                        help="SDXL and Flux pipelines: the image size in pixels (default: the pipeline's own)")
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--log", type=Path, default=None, help="JSON-lines evaluation log (resume source); default OUT.nfeN.jsonl")
     search.add_argument("--out", type=Path, default=Path("usf_schedule.json"))
@@ -292,7 +295,8 @@ def _search(args: argparse.Namespace) -> None:
     for nfe in args.nfe:
         objective, space = build_objective(args.model, args.metric, nfe, setting=args.setting, dim=args.dim,
                                            num_samples=args.num_samples, heldout_samples=args.heldout_samples,
-                                           guidance_scale=args.guidance_scale, seed=args.seed, prompts=args.prompts)
+                                           guidance_scale=args.guidance_scale, seed=args.seed, prompts=args.prompts,
+                                           resolution=args.resolution)
         log = args.log.with_suffix(f".nfe{nfe}.jsonl") if args.log else args.out.with_suffix(f".nfe{nfe}.jsonl")
         result = s3_search(objective, space, mode=args.mode, max_evaluations=args.max_evaluations,
                            max_minutes=args.max_minutes, seed=args.seed, log_path=log)

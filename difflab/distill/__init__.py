@@ -28,6 +28,7 @@ Alignment to a reward:
 * :mod:`~difflab.distill.align`: ``difflab align {awm,ddpo}`` / ``accelerate launch -m difflab.distill.align``.
 """
 
+from ..models.conditioning import PromptConditionedUNet
 from .aligner import (
     AlignConfig,
     AlignProblem,
@@ -75,7 +76,7 @@ from .fdistill import (
 from .loop import Runtime, fdistill_iteration
 from .lowdim import FDistillConfig, FDistillRun, exact_teacher, fit_mlp_teacher, train_fdistill_lowdim
 from .nets import DiscriminatorHead, MLPDenoiser, OneStepGenerator, default_generator_timestep, strict_load
-from .pipelines import PromptConditionedUNet, distill_problem, pipeline_distill_problem
+from .pipelines import distill_problem, pipeline_distill_problem
 from .rewards import CompositeReward, DigitsClassReward, InkReward, RegionReward, build_reward, group_advantages
 from .rollout import ode_rollout, sde_rollout
 

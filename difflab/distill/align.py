@@ -65,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add("--reward", default=None, help="class:K, ink, region:X,Y,R or a weighted sum (default: class:3 for digits, "
                                        "region:0.8,0,0.3 for the mixture).")
     add("--resolution", type=int, default=None,
-        help="Flux pipelines: the image size in pixels the rollouts are made at (default: the pipeline's own, "
-             "1024 for FLUX.1).")
+        help="SDXL and Flux pipelines: the image size in pixels the rollouts are made at (default: the pipeline's "
+             "own, 1024 for SDXL and FLUX.1).")
     add("--label", default="null", help="Digits: the class the samples are drawn for, or 'null' (unconditional).")
     add("--max_train_steps", type=int, default=d.max_train_steps, help="Rollout + update rounds.")
     add("--num_groups", type=int, default=d.num_groups, help="Groups (prompts) per round and process.")
@@ -193,7 +193,7 @@ def _model_problem(args: argparse.Namespace):
 
     if args.model == "mixture":
         if args.resolution is not None:
-            raise ValueError("--resolution applies to Flux pipelines, not to the 2-D mixture.")
+            raise ValueError("--resolution applies to SDXL and Flux pipelines, not to the 2-D mixture.")
         reward = build_reward(args.reward or "region:0.8,0,0.3")
         return mixture_problem(reward, teacher_steps=args.teacher_steps, seed=args.seed,
                                eval_samples=args.num_validation_samples)
@@ -212,7 +212,7 @@ def _model_problem(args: argparse.Namespace):
     if args.prompts:
         raise ValueError("--prompts applies to text pipelines; the digits models take --label.")
     if args.resolution is not None:
-        raise ValueError("--resolution applies to Flux pipelines; the digits models are 16x16.")
+        raise ValueError("--resolution applies to SDXL and Flux pipelines; the digits models are 16x16.")
     reward = build_reward(args.reward or "class:3")
     label = None if args.label == "null" else _label(args.label)
     terms = reward.terms if isinstance(reward, CompositeReward) else [(reward, 1.0)]

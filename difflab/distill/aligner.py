@@ -421,7 +421,7 @@ def pipeline_problem(pipeline: Any, reward: Reward, prompts: list[str] | None = 
     ``prompts``, encoded once, which the groups take in turn. Rollouts run in the denoiser's (latent; for Flux
     packed) space with the pipeline's own scheduler; the reward sees VAE-decoded images in [-1, 1] and the
     prompts."""
-    from .pipelines import (
+    from ..models.conditioning import (
         ModelSpace,
         checked_resolution,
         denoiser_component,

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.conditioning import default_resolution
 from ..schedule import NoiseSchedule
 from .engine import ScoreModel
 from .lowdim import FDistillConfig
@@ -109,7 +110,7 @@ class UNetDistillProblem:
     prompts: list[str] | None = None
     initial_generator: dict | None = None  # the UNet state dict of a student to start from (--init_generator)
     component: str = "unet"  # the pipeline component the denoiser is ("transformer": Stable Diffusion 3, Flux)
-    space: Any = None  # a pipeline's ModelSpace (difflab.distill.pipelines): decodes samples to images
+    space: Any = None  # a pipeline's ModelSpace (difflab.models.conditioning): decodes samples to images
 
     @property
     def is_digits(self) -> bool:
@@ -131,14 +132,14 @@ class UNetDistillProblem:
 
     def call_settings(self) -> dict[str, Any]:
         """How the saved one-step pipeline is called: one step, for a conditional model without classifier-free
-        guidance (a Flux model with embedded guidance, FLUX.1-dev: the value the student was trained at), and for
-        Flux at the image size the student learned (FluxPipeline's default is its own)."""
+        guidance (a Flux model with embedded guidance, FLUX.1-dev: the value the student was trained at), and at
+        the image size the student learned where that is not the pipeline's default (SDXL, Flux)."""
         settings: dict[str, Any] = {"num_inference_steps": 1}
         if self.num_classes:
             net = inner_module(self.teacher_net)
             embedded = getattr(net.config, "guidance_embeds", False)
             settings["guidance_scale"] = float(self.teacher_net.guidance_scale) if embedded else 1.0
-        if self.space is not None and self.space.packed:
+        if self.space is not None and self.space.resolution != default_resolution(self.pipeline):
             settings.update(height=self.space.resolution, width=self.space.resolution)
         return settings
 

@@ -90,8 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
              "images, with a metadata.jsonl of {\"file_name\": ..., \"text\": CAPTION} lines for text pipelines.")
     add("--caption_column", default="text", help="Text pipelines: the caption key of --train_data_dir's metadata.jsonl.")
     add("--resolution", type=int, default=None,
-        help="Flux teachers: the image size in pixels the student learns (default: the pipeline's own, 1024 for "
-             "FLUX.1); the training images are resized to it.")
+        help="SDXL and Flux teachers: the image size in pixels the student learns (default: the pipeline's own, "
+             "1024 for SDXL and FLUX.1); the training images are resized to it.")
     add("--guidance_scale", type=float, default=1.0, help="Classifier-free guidance of a --model teacher (1 = none).")
     add("--generator_timestep", default="auto",
         help="Diffusers timestep at which the generator's UNet sees pure noise: a number, 'max', or 'auto' (the "
@@ -208,7 +208,7 @@ def build_config(args: argparse.Namespace):
     if args.model is None and args.train_data_dir is not None:
         raise ValueError("--train_data_dir applies to a --model teacher; the mixture's real data are exact samples.")
     if args.model is None and args.resolution is not None:
-        raise ValueError("--resolution applies to a Flux --model teacher, not to the mixture.")
+        raise ValueError("--resolution applies to an SDXL or Flux --model teacher, not to the mixture.")
     if args.model is None and args.init_generator is not None:
         raise ValueError("--init_generator applies to a --model teacher (a one-step pipeline directory).")
     parse_generator_timestep(args.generator_timestep)

@@ -119,21 +119,22 @@ def load(name: str | Path, device: str | torch.device | None = None, dtype: torc
 def unet_conditioning(pipeline: Any, name: str = "the pipeline") -> str:
     """How ``pipeline.unet`` is conditioned: ``"none"`` (unconditional ``UNet2DModel``), ``"class"`` (class
     embeddings: the digits models) or ``"text"`` (a ``UNet2DConditionModel`` with the pipeline's own
-    ``encode_prompt``: Stable Diffusion 1.x / 2.x). ValueError for pipelines difflab's trainers and search
-    cannot drive (no UNet, e.g. SD3 / Flux; added conditioning, e.g. SDXL)."""
+    ``encode_prompt``: Stable Diffusion 1.x / 2.x). SDXL, SD3 and Flux are recognised before this is asked
+    (:func:`difflab.models.conditioning.is_text_conditioned`); ValueError for the pipelines difflab's trainers and
+    search cannot drive (no UNet; other added conditioning)."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 
+    supported = ("use the digits models, DDPMPipeline / DDIMPipeline, or a Stable Diffusion 1.x / 2.x / XL / 3 or "
+                 "Flux pipeline.")
     unet = getattr(pipeline, "unet", None)
     if not isinstance(unet, (UNet2DModel, UNet2DConditionModel)):
-        raise ValueError(f"{name} ({type(pipeline).__name__}) is not a diffusion pipeline with a UNet difflab can use "
-                         "(no UNet2DModel / UNet2DConditionModel as pipe.unet); use the digits models, DDPMPipeline / "
-                         "DDIMPipeline or Stable Diffusion 1.x / 2.x (difflab distill and align also take SDXL, Stable Diffusion 3 "
-                         "and Flux).")
+        raise ValueError(f"{name} ({type(pipeline).__name__}) is not a diffusion pipeline difflab can drive (no "
+                         "UNet2DModel / UNet2DConditionModel as pipe.unet, nor an SD3 / Flux transformer); " + supported)
     if isinstance(unet, UNet2DModel):
         return "class" if unet.config.num_class_embeds else "none"
     if getattr(unet.config, "addition_embed_type", None):
-        raise ValueError(f"{name}: UNets with added conditioning ({unet.config.addition_embed_type}, e.g. SDXL) are "
-                         "not supported; use a Stable Diffusion 1.x / 2.x pipeline (difflab distill and align also take SDXL).")
+        raise ValueError(f"{name}: UNets with added conditioning ({unet.config.addition_embed_type}) other than "
+                         "SDXL's are not supported; " + supported)
     if not callable(getattr(pipeline, "encode_prompt", None)):
         raise ValueError(f"{name} ({type(pipeline).__name__}) has no encode_prompt; use a Stable Diffusion pipeline.")
     return "text"

@@ -2,9 +2,9 @@
 
 * :func:`gmm_objective`: the Gaussian-mixture test bed; RMSE against the exact probability-flow
   ODE solution from the same starting noise.
-* :func:`unet_objective`: a UNet model (a built-in digits model or a diffusers pipeline
-  directory with a ``unet``: unconditional, class-conditional, or text-conditioned like Stable
-  Diffusion, whose prompts are given and cycled over the starting noises); RMSE against a
+* :func:`unet_objective`: a built-in digits model or a diffusers pipeline directory: an unconditional
+  UNet (DDPM), or a text pipeline (Stable Diffusion 1.x / 2.x / XL / 3, Flux) behind the prompt tables of
+  :mod:`difflab.models.conditioning`, whose prompts are given and cycled over the starting noises); RMSE against a
   250-step DPM-Solver++ 3M solution from the same noise (``metric="rmse"``; in latent space for
   latent pipelines), or FD-digits of the samples (``metric="fd"``, digits models only).
 
@@ -69,53 +69,22 @@ def gmm_objective(setting: str = "vp-scaled_linear", dim: int = 16, num_samples:
     return ReferenceObjective(sample, config, reference), schedule
 
 
-def unet_denoiser(unet: torch.nn.Module, labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
+def unet_denoiser(net: torch.nn.Module, labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
                   null_label: int | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``(x, t) -> model output`` of a UNet, class-conditional (and classifier-free guided) if labels are given."""
+    """``(x, t) -> model output`` of a denoiser, class-conditional (and classifier-free guided) if labels are given;
+    a text pipeline's denoiser behind prompt tables takes prompt indices as labels."""
+    from ..models.digits import guided_unet_output
+
+    dtype = next(net.parameters()).dtype
 
     @torch.no_grad()
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x = x.to(unet.dtype)
+        x, t = x.to(dtype), torch.as_tensor(t, device=x.device).expand(len(x))  # transformers need a timestep per row
         if labels is None:
-            return unet(x, t).sample
-        if guidance_scale == 1.0:
-            return unet(x, t, class_labels=labels).sample
-        null = torch.full_like(labels, null_label)
-        cond, uncond = unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+            return net(x, t).sample
+        return guided_unet_output(net, x, t, labels, guidance_scale, null_label)
 
     return denoise
-
-
-def text_denoiser(unet: torch.nn.Module, embeds: torch.Tensor, uncond: torch.Tensor | None = None,
-                  guidance_scale: float = 1.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``(x, t) -> model output`` of a text-conditioned UNet with per-row prompt embeddings ``embeds``
-    (classifier-free guided against ``uncond`` when ``guidance_scale > 1``)."""
-
-    @torch.no_grad()
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x = x.to(unet.dtype)
-        if guidance_scale == 1.0:
-            return unet(x, t, encoder_hidden_states=embeds).sample
-        both = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([embeds, uncond])).sample
-        cond, uncond_out = both.chunk(2)
-        return uncond_out + guidance_scale * (cond - uncond_out)
-
-    return denoise
-
-
-def _text_conditions(pipe: Any, prompts: list[str] | None, noise: dict[str, torch.Tensor],
-                     guidance_scale: float) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Per split: (prompt embeddings of each starting noise, the empty prompt's), prompts taken in turn."""
-    if not prompts:
-        raise ValueError(f"{type(pipe).__name__} is text-conditioned: pass the prompts to search with (--prompts).")
-    with torch.no_grad():
-        embeds, uncond = pipe.encode_prompt(list(prompts), "cpu", 1, guidance_scale > 1.0)
-    out = {}
-    for split, z in noise.items():
-        rows = torch.arange(len(z)) % len(prompts)
-        out[split] = (embeds[rows], None if uncond is None else uncond[rows])
-    return out
 
 
 class FDObjective(ReferenceObjective):
@@ -134,34 +103,56 @@ class FDObjective(ReferenceObjective):
 
 
 def unet_objective(model: str, metric: str = "rmse", num_samples: int = 256, heldout_samples: int = 500,
-                   guidance_scale: float = 1.0, seed: int = 0,
-                   prompts: list[str] | None = None) -> tuple[ReferenceObjective, NoiseSchedule]:
-    """Objective for a built-in digits model or a local pipeline directory with a ``unet`` (``prompts``:
-    text-conditioned pipelines)."""
+                   guidance_scale: float = 1.0, seed: int = 0, prompts: list[str] | None = None,
+                   resolution: int | None = None) -> tuple[ReferenceObjective, NoiseSchedule]:
+    """Objective for a built-in digits model or a local pipeline directory: unconditional or class-conditional
+    UNets, and text pipelines (Stable Diffusion 1.x / 2.x / XL / 3, Flux; SDXL and Flux at ``resolution`` pixels)
+    with ``prompts``, which the starting noises take in turn."""
     from ..models import load
-    from ..models.hub import unet_conditioning
+    from ..models.conditioning import (
+        ModelSpace,
+        checked_resolution,
+        flux_rollout_scheduler_config,
+        is_flux_pipeline,
+        is_text_conditioned,
+        prompt_conditioned,
+    )
+    from ..models.digits import DigitsPipeline
 
     pipe = load(model)
-    conditioning = unet_conditioning(pipe, str(model))
-    unet, config = pipe.unet.eval(), dict(pipe.scheduler.config)
-    schedule = NoiseSchedule.from_config(config)
-    size, channels = unet.config.sample_size, unet.config.in_channels
-    shape = (channels, size, size) if isinstance(size, int) else (channels, *size)
-    noise = _noise_splits(shape, num_samples, heldout_samples, seed, torch.float32)
-    text, conditional = conditioning == "text", conditioning == "class"
-    labels = {split: torch.arange(len(z)) % 10 for split, z in noise.items()} if conditional else None
+    conditional = isinstance(pipe, DigitsPipeline)
+    text = not conditional and is_text_conditioned(pipe, str(model))
     if metric == "fd" and not conditional:
         raise ValueError("metric 'fd' (FD-digits) needs a class-conditional digits model; use metric 'rmse'.")
     if prompts and not text:
         raise ValueError(f"{model} is not text-conditioned: it takes no --prompts.")
-    null = (unet.config.num_class_embeds - 1) if conditional else None
-    conditions = _text_conditions(pipe, prompts, noise, guidance_scale) if text else None
+    if text and not prompts:
+        raise ValueError(f"{type(pipe).__name__} is text-conditioned: pass the prompts to search with (--prompts).")
+    if conditional and resolution is not None:
+        raise ValueError("--resolution applies to SDXL and Flux pipelines; the digits models are 16x16.")
+    space = ModelSpace(pipe, checked_resolution(pipe, resolution, str(model)))
+    config = dict(pipe.scheduler.config)
+    if is_flux_pipeline(pipe):
+        config = flux_rollout_scheduler_config(pipe, space.resolution)
+    schedule = NoiseSchedule.from_config(config)
+    noise = _noise_splits(space.sample_shape, num_samples, heldout_samples, seed, torch.float32)
+    net, null, labels = None, None, None
+    if conditional:
+        net = pipe.unet.eval()
+        null = net.config.num_class_embeds - 1
+        labels = {split: torch.arange(len(z)) % 10 for split, z in noise.items()}
+    elif text:
+        net = prompt_conditioned(pipe, list(prompts), space.resolution).eval()
+        null = net.null_label
+        labels = {split: torch.arange(len(z)) % len(prompts) for split, z in noise.items()}
+    elif guidance_scale != 1.0:
+        raise ValueError(f"{model} is unconditional: classifier-free guidance needs a conditional model; leave "
+                         "--guidance-scale at 1.")
+    else:
+        net = pipe.unet.eval()
 
     def sample(scheduler: Any, split: str, num_inference_steps: int | None) -> torch.Tensor:
-        if conditions is not None:
-            denoise = text_denoiser(unet, *conditions[split], guidance_scale)
-        else:
-            denoise = unet_denoiser(unet, labels[split] if labels else None, guidance_scale, null)
+        denoise = unet_denoiser(net, None if labels is None else labels[split], guidance_scale, null)
         return drive(scheduler, denoise, noise[split], num_inference_steps)
 
     if metric == "fd":
@@ -177,15 +168,16 @@ def unet_objective(model: str, metric: str = "rmse", num_samples: int = 256, hel
 
 def build_objective(model: str, metric: str, nfe: int, *, setting: str = "vp-scaled_linear", dim: int = 16,
                     num_samples: int | None = None, heldout_samples: int | None = None, guidance_scale: float = 1.0,
-                    seed: int = 0, prompts: list[str] | None = None) -> tuple[ReferenceObjective, SearchSpace]:
+                    seed: int = 0, prompts: list[str] | None = None,
+                    resolution: int | None = None) -> tuple[ReferenceObjective, SearchSpace]:
     """The objective and search space of ``difflab search`` for a model name (``gmm``, a digits model, a directory)."""
     if model == "gmm":
-        if prompts:
-            raise ValueError("the Gaussian-mixture model takes no --prompts.")
+        if prompts or resolution is not None:
+            raise ValueError("the Gaussian-mixture model takes no --prompts or --resolution.")
         if metric != "rmse":
             raise ValueError("the Gaussian-mixture model supports metric 'rmse' only (distance to the exact ODE solution).")
         objective, schedule = gmm_objective(setting, dim, num_samples or 512, heldout_samples or 1000, seed=seed)
     else:
         objective, schedule = unet_objective(model, metric, num_samples or (500 if metric == "fd" else 256),
-                                             heldout_samples or 500, guidance_scale, seed, prompts)
+                                             heldout_samples or 500, guidance_scale, seed, prompts, resolution)
     return objective, SearchSpace(schedule, nfe)

@@ -123,7 +123,7 @@ def test_errors_are_messages(tmp_path, capsys):
                            (["--train_batch_size", "0"], "train_batch_size must be >= 1"),
                            (["--sample_batch_size", "0"], "--sample_batch_size must be >= 1"),
                            (["--scheduler", "ddim"], "has no flow-matching mode"),
-                           (["--resolution", "32"], "--resolution applies to Flux pipelines")]:
+                           (["--resolution", "32"], "--resolution applies to SDXL and Flux pipelines")]:
         with pytest.raises(SystemExit) as info:
             _cli("awm", tmp_path / "x", *DIGITS, *extra)
         assert info.value.code == 2 and message in capsys.readouterr().err

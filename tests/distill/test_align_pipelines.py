@@ -135,6 +135,43 @@ def test_sdxl_rollouts_are_the_pipelines_own_samples():
     assert theirs.abs().max() > 1 and (ours - theirs).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("make", [tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_sd3_pipeline])
+def test_guided_prompt_tables_are_the_pipelines_own_guidance(make):
+    """The null label is the pipeline's own unconditional input (SDXL: zeros, as it zeroes an empty negative
+    prompt), so classifier-free guidance on the prompt tables (a distillation teacher's) gives its latents."""
+    from difflab.distill.digits import GuidedDenoiser
+
+    pipe = make()
+    problem = pipeline_problem(pipe, InkReward(), PROMPTS[:2])
+    guided = GuidedDenoiser(problem.net, 3.0, problem.net.null_label)
+    shape = (2, *problem.sample_shape)
+    ours, _ = ode_rollout(guided, problem.make_scheduler(), 4, torch.tensor([0, 1]), shape,
+                          torch.Generator().manual_seed(0))
+    size = problem.sample_shape[1] * pipe.vae_scale_factor
+    theirs = pipe(PROMPTS[:2], num_inference_steps=4, guidance_scale=3.0, height=size, width=size, output_type="latent",
+                  latents=torch.randn(shape, generator=torch.Generator().manual_seed(0))).images
+    assert theirs.abs().max() > 1 and (ours - theirs).abs().max() < 1e-5
+
+
+def test_sdxl_rollouts_at_another_resolution_are_the_pipelines_own_samples():
+    """--resolution for SDXL: latents of that size and the size time ids the pipeline makes for it."""
+    pipe = tiny_sdxl_pipeline()
+    problem = pipeline_problem(pipe, InkReward(), PROMPTS[:2], resolution=48)
+    assert problem.sample_shape == (4, 48 // pipe.vae_scale_factor, 48 // pipe.vae_scale_factor)
+    shape = (2, *problem.sample_shape)
+    ours, _ = ode_rollout(problem.net, problem.make_scheduler(), 4, torch.tensor([0, 1]), shape,
+                          torch.Generator().manual_seed(0))
+    theirs = pipe(PROMPTS[:2], num_inference_steps=4, guidance_scale=1.0, height=48, width=48, output_type="latent",
+                  latents=torch.randn(shape, generator=torch.Generator().manual_seed(0))).images
+    assert (ours - theirs).abs().max() < 1e-5
+    default = pipeline_problem(pipe, InkReward(), PROMPTS[:2])  # the time ids matter: the default ones differ
+    other, _ = ode_rollout(default.net, default.make_scheduler(), 4, torch.tensor([0, 1]), shape,
+                           torch.Generator().manual_seed(0))
+    assert (other - theirs).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="multiple of"):
+        pipeline_problem(pipe, InkReward(), PROMPTS[:2], resolution=47)
+
+
 def test_cli_aligns_a_stable_diffusion_xl_pipeline(saved, tmp_path):
     main(["align", "awm", "--model", str(saved / "sdxl"), "--prompts", *PROMPTS[:2], "--output_dir", str(tmp_path),
           "--max_train_steps", "2", "--validation_steps", "2", *SMALL])
@@ -192,7 +229,7 @@ def test_pipeline_alignment_errors_are_messages(saved, tmp_path, capsys):
              (["--model", str(saved / "ddpm"), "--prompts", "a cat"], "takes no prompts"),
              (["--model", str(saved / "sd"), "--prompts", str(tmp_path / "none.txt")], "does not exist"),
              (["--model", "digits-flow", "--prompts", "a cat"], "take --label"),
-             (["--model", str(saved / "sd"), "--prompts", "a cat", "--resolution", "64"], "applies to Flux"),
+             (["--model", str(saved / "sd"), "--prompts", "a cat", "--resolution", "64"], "applies to SDXL and Flux"),
              (["--model", str(saved / "flux"), "--prompts", "a cat", "--resolution", "1"], "too small")]
     for flags, message in cases:
         with pytest.raises(SystemExit):

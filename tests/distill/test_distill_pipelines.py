@@ -21,14 +21,8 @@ from safetensors.torch import load_file
 
 from difflab.cli import main
 from difflab.distill.nets import OneStepGenerator
-from difflab.distill.pipelines import (
-    PromptConditionedUNet,
-    default_resolution,
-    encode_prompts,
-    load_image_folder,
-    pipeline_distill_problem,
-    prompt_conditioned,
-)
+from difflab.distill.pipelines import load_image_folder, pipeline_distill_problem
+from difflab.models.conditioning import PromptConditionedUNet, default_resolution, encode_prompts, prompt_conditioned
 from difflab.models.tiny import (
     tiny_ddpm_pipeline,
     tiny_flux_pipeline,
@@ -130,18 +124,20 @@ def test_text_student_is_a_one_step_stable_diffusion_pipeline(data, tmp_path, mo
         assert summary["finished"] and summary["generator_timestep"] == 999.0
 
 
-LATENT_PIPELINES = {"sdxl": (StableDiffusionXLPipeline, "unet", []),
-                    "sd3": (StableDiffusion3Pipeline, "transformer", []),
-                    "flux": (FluxPipeline, "transformer", ["--resolution", "32"]),
-                    "flux-dev": (FluxPipeline, "transformer", ["--resolution", "32"])}
+LATENT_PIPELINES = {"sdxl": (StableDiffusionXLPipeline, "unet", 48),  # (class, denoiser, --resolution)
+                    "sd3": (StableDiffusion3Pipeline, "transformer", None),
+                    "flux": (FluxPipeline, "transformer", 32),
+                    "flux-dev": (FluxPipeline, "transformer", 32)}
 
 
 @pytest.mark.parametrize("model", list(LATENT_PIPELINES))
 def test_sdxl_sd3_and_flux_students_are_one_step_pipelines_of_their_class(data, tmp_path, model):
     """The saved student, called by its own pipeline class with one step, gives the generator's x0 of the same
-    latents (Flux: packed tokens at --resolution, under its dynamic shift; FLUX.1-dev-like: with the embedded
-    guidance 3.5 it was trained at); DisBack refines it (--init_generator)."""
-    cls, component, extra = LATENT_PIPELINES[model]
+    latents (SDXL: at --resolution, with its size time ids; Flux: packed tokens at --resolution, under its dynamic
+    shift; FLUX.1-dev-like: with the embedded guidance 3.5 it was trained at); difflab sample makes the size it
+    learned; DisBack refines it (--init_generator)."""
+    cls, component, resolution = LATENT_PIPELINES[model]
+    extra = [] if resolution is None else ["--resolution", str(resolution)]
     _distill("f-distill", data / model, data / "captioned", tmp_path, "--guidance_scale", "2", *extra)
     pipe, teacher = cls.from_pretrained(tmp_path), cls.from_pretrained(data / model)
     changed = max((a - b).abs().max().item()
@@ -149,12 +145,11 @@ def test_sdxl_sd3_and_flux_students_are_one_step_pipelines_of_their_class(data, 
     assert changed > 0  # the denoiser was trained
     settings = json.loads((tmp_path / "difflab_sampling.json").read_text())
     settings = {key: value for key, value in settings.items() if key not in ("teacher", "method", "divergence")}
-    size = {"height": 32, "width": 32} if model.startswith("flux") else {}
+    size = {} if resolution is None else {"height": resolution, "width": resolution}
     assert settings == {"num_inference_steps": 1, "guidance_scale": 3.5 if model == "flux-dev" else 1.0, **size}
     summary = json.loads((tmp_path / "train_summary.json").read_text())
-    resolution = 32 if model.startswith("flux") else None
     net = prompt_conditioned(pipe, ["a cat"], resolution)
-    shape = (2, len(net.image_ids), 4) if resolution else (2, 4, 32, 32)
+    shape = (2, len(net.image_ids), 4) if model.startswith("flux") else (2, 4, resolution or 32, resolution or 32)
     z = torch.randn(shape, generator=torch.Generator().manual_seed(5))
     out = pipe(["a cat", "a cat"], latents=z, output_type="latent", **settings).images
     student = OneStepGenerator(net, NoiseSchedule.from_config(pipe.scheduler.config), summary["generator_timestep"],
@@ -164,7 +159,7 @@ def test_sdxl_sd3_and_flux_students_are_one_step_pipelines_of_their_class(data, 
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     main(["sample", "--model", str(tmp_path), "--prompt", "a cat", "--num-per-class", "2", "--out",
           str(tmp_path / "grid.png")])
-    side = resolution or default_resolution(pipe)  # Flux: the student's size, from difflab_sampling.json
+    side = resolution or default_resolution(pipe)  # the student's size, from difflab_sampling.json
     assert Image.open(tmp_path / "grid.png").size == (2 * side, side)
     if model == "sd3":
         _distill("disback", data / model, data / "captioned", tmp_path / "refined", "--init_generator", str(tmp_path),
@@ -197,7 +192,7 @@ def test_pipeline_problems_explain_what_is_missing(data, tmp_path, capsys):
     assert "unconditional" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _distill("f-distill", data / "sd3", data / "captioned", tmp_path, "--resolution", "32")
-    assert "--resolution applies to Flux pipelines" in capsys.readouterr().err
+    assert "--resolution applies to SDXL and Flux pipelines" in capsys.readouterr().err
     assert not list(tmp_path.glob("checkpoint-*"))
 
 

@@ -10,7 +10,13 @@ import torch
 from difflab.cli import main
 from difflab.samplers import USFScheduler
 from difflab.samplers.search import Candidate, PerformancePredictor, SearchSpace, StepGene, s3_search
-from difflab.samplers.search_objectives import build_objective, gmm_objective, gmm_scheduler_config
+from difflab.samplers.search_objectives import (
+    _noise_splits,
+    build_objective,
+    gmm_objective,
+    gmm_scheduler_config,
+    unet_objective,
+)
 from difflab.samplers.usf import SolverSchedule
 from difflab.schedule import NoiseSchedule
 
@@ -117,8 +123,6 @@ def test_text_pipeline_objective_samples_as_the_pipeline_does(tmp_path, capsys):
     from diffusers import StableDiffusionPipeline
 
     from difflab.models.tiny import tiny_sd_pipeline
-    from difflab.samplers.search_objectives import _noise_splits, unet_objective
-
     tiny_sd_pipeline().save_pretrained(tmp_path / "sd")
     prompts = ["a cat", "a dog"]
     objective, _ = unet_objective(str(tmp_path / "sd"), num_samples=2, heldout_samples=3, guidance_scale=3.0,
@@ -140,3 +144,28 @@ def test_text_pipeline_objective_samples_as_the_pipeline_does(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["search", "--model", str(tmp_path / "sd"), "--nfe", "4", "--out", str(out)])
     assert "pass the prompts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["sdxl", "sd3", "flux"])
+def test_sdxl_sd3_and_flux_objectives_sample_as_their_pipelines_do(tmp_path, model):
+    """The prompt tables of difflab.models.conditioning drive the search too: the objective's samples (guided
+    for SDXL and SD3; SDXL and Flux at --resolution) equal the pipeline's own latents from the same noise."""
+    from difflab.models import load, tiny
+
+    make = {"sdxl": tiny.tiny_sdxl_pipeline, "sd3": tiny.tiny_sd3_pipeline, "flux": tiny.tiny_flux_pipeline}[model]
+    make().save_pretrained(tmp_path / model)
+    resolution = {"sdxl": 48, "flux": 32}.get(model)
+    guidance = 1.0 if model == "flux" else 3.0  # FluxPipeline's guidance_scale is the embedded one
+    objective, _ = unet_objective(str(tmp_path / model), num_samples=2, heldout_samples=3, guidance_scale=guidance,
+                                  prompts=["a cat", "a dog"], resolution=resolution)
+    pipe = load(str(tmp_path / model))
+    scheduler = type(pipe.scheduler).from_config(objective.config)
+    ours = objective.sample(scheduler, "heldout", 4)
+    noise = _noise_splits(tuple(ours.shape[1:]), 2, 3, 0, torch.float32)["heldout"]
+    size = {} if resolution is None else {"height": resolution, "width": resolution}
+    if model == "flux":  # FluxPipeline passes its own sigmas: give it the objective's (shift 1)
+        size["sigmas"] = scheduler.sigmas[:-1].tolist()
+    theirs = pipe(["a cat", "a dog", "a cat"], num_inference_steps=4, guidance_scale=guidance, latents=noise,
+                  output_type="latent", **size).images
+    assert theirs.abs().max() > 1
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
