@@ -21,7 +21,7 @@ Conventions of the diffusers ``examples/`` trainers: ``--output_dir``, ``--max_t
 update rounds), ``--checkpointing_steps``, ``--checkpoints_total_limit``, ``--resume_from_checkpoint
 latest``, ``--seed``, ``--train_batch_size`` / ``--sample_batch_size`` (micro-batches for memory; gradients
 accumulate into the round's single update), ``--mixed_precision`` (``bf16``: rollouts and losses under bfloat16 autocast,
-float32 weights), ``--report_to`` (rewards, losses and validation to accelerate's trackers, e.g.
+float32 weights; ``fp16``: float16 with loss scaling), ``--report_to`` (rewards, losses and validation to accelerate's trackers, e.g.
 tensorboard); each process draws its own groups; advantages use the all-reduced reward std; gradients
 are all-reduced by the DDP wrapper of ``accelerator.prepare``. Every ``--validation_steps``
 the main process logs the reward of fixed-noise ODE samples (and, for digits, the target-class share,
@@ -99,8 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
     add("--resume_from_checkpoint", default=None, help="A checkpoint-N directory, or 'latest' in --output_dir.")
     add("--mixed_precision", choices=("no", "bf16", "fp16"), default="no",
-        help="bf16: forward passes of training under bfloat16 autocast (weights and optimizer states stay "
-             "float32). fp16 is refused: it needs loss scaling, which this trainer does not do.")
+        help="bf16: forward passes of training under bfloat16 autocast; fp16: under float16 autocast with dynamic "
+             "loss scaling (a GPU; on the CPU accelerate keeps float32). Weights and optimizer states stay float32.")
     add("--validation_steps", type=int, default=10, help="Validate every N rounds (0: only at the end).")
     add("--num_validation_samples", type=int, default=256)
     add("--stop_after_steps", type=int, default=None, help="Stop after this round as if killed (resume later).")
@@ -345,7 +345,8 @@ def run_settings(args: argparse.Namespace, config, problem) -> dict[str, Any]:
     hyper = {k: v for k, v in asdict(config).items()
              if k not in ("max_train_steps", "checkpointing_steps", "train_batch_size")}
     run = {k: getattr(args, k, None)
-           for k in ("method", "model", "label", "prompts", "lora_rank", "teacher_steps", "scheduler", "resolution")}
+           for k in ("method", "model", "label", "prompts", "lora_rank", "teacher_steps", "scheduler", "resolution",
+                     "mixed_precision")}
     return json.loads(json.dumps({**run, "reward": repr(problem.reward), **hyper}))
 
 
@@ -375,6 +376,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"{resume} is a {payload.get('method')} checkpoint, not a {args.method} one; use a fresh "
                              "--output_dir.")
         state.load_state_dict(payload["state"])
+        runtime.restore_scaler(payload)
         accelerator.print(f"Resuming from {resume} (round {state.step})")
     elif args.resume_from_checkpoint is not None:
         accelerator.print(f"No checkpoint found in {output_dir}; starting a new run.")
@@ -397,8 +399,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         bar.set_postfix(reward=f"{stats['reward']:.3f}", samples=state.samples)
         if state.step % config.checkpointing_steps == 0:
             if runtime.is_main:
-                write_checkpoint(output_dir, state.step, {"method": args.method, "config": asdict(config),
-                                                          "state": state.state_dict()}, args.checkpoints_total_limit)
+                payload = {"method": args.method, "config": asdict(config), "state": state.state_dict()}
+                write_checkpoint(output_dir, state.step, runtime.with_scaler(payload), args.checkpoints_total_limit)
             runtime.barrier()
     bar.close()
     done = state.step >= config.max_train_steps

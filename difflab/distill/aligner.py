@@ -18,6 +18,7 @@ prompt list, whose latents are decoded by the VAE before the reward sees them; t
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
@@ -30,7 +31,7 @@ from torch import nn
 from ..schedule import NoiseSchedule
 from .awm import WEIGHTINGS, awm_rows, awm_rows_loss
 from .ddpo import ddpo_rows, ddpo_rows_loss, trainable_steps
-from .engine import global_mean, step_generator
+from .engine import backward, clip_and_step, global_mean, step_generator
 from .loop import Runtime, check_finite
 from .rewards import Reward, group_advantages
 from .rollout import ode_rollout, sde_rollout, training_timestep_indices
@@ -290,8 +291,7 @@ def align_iteration(state: AlignState, problem: AlignProblem, config: AlignConfi
     for group in state.optimizer.param_groups:
         group["lr"] = config.learning_rate_at(state.step)
     parts = accumulate_gradients(trained, rows, loss_of, config.train_batch_size, runtime)
-    grad_norm = _clip(state.policy, config.max_grad_norm)
-    state.optimizer.step()
+    grad_norm = clip_and_step([(state.policy, state.optimizer)], config.max_grad_norm, runtime.scaler)[0]
     state.step += 1
     if config.method == "awm" and config.ema_beta > 0:
         update_anchor(state, config)
@@ -300,6 +300,9 @@ def align_iteration(state: AlignState, problem: AlignProblem, config: AlignConfi
     state.samples += config.batch_size * runtime.num_processes
     stats = {"reward": global_mean(rewards.mean().reshape(1)).item(), "grad_norm": grad_norm,
              "zero_advantage": (advantages == 0).double().mean().item(), **parts}
+    if runtime.scaler is not None and not math.isfinite(grad_norm):  # float16 overflow: the scaler skipped the step
+        stats["skipped_step"] = 1.0
+        del stats["grad_norm"]
     check_finite(stats, state.step - 1)
     return stats
 
@@ -321,7 +324,7 @@ def accumulate_gradients(model: nn.Module, rows: Any, loss_of: Callable[[Any], A
         with (nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()):
             with runtime.autocast():
                 terms = loss_of(select_rows(rows, index))
-            (terms.loss * share).backward()
+            backward(terms.loss * share, runtime.scaler)
         for name, value in terms.stats().items():
             stats[name] = stats.get(name, 0.0) + share * value
     return stats
@@ -338,15 +341,6 @@ def select_rows(rows: Any, index: torch.Tensor) -> Any:
         return value[index.to(value.device)]
 
     return replace(rows, **{f.name: pick(getattr(rows, f.name)) for f in fields(rows)})
-
-
-def _clip(module: nn.Module, max_norm: float) -> float:
-    params = [p for p in module.parameters() if p.grad is not None]
-    if not params:
-        return 0.0
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,7 +39,16 @@ from tqdm.auto import tqdm
 
 from ..models.gmm import GaussianMixture
 from ..schedule import NoiseSchedule
-from .engine import ScoreModel, dsm_loss, global_sum, noised, sample_timesteps, step_generator
+from .engine import (
+    ScoreModel,
+    backward,
+    clip_and_step,
+    dsm_loss,
+    global_sum,
+    noised,
+    sample_timesteps,
+    step_generator,
+)
 from .loop import Runtime, check_finite, fdistill_iteration, write_checkpoint
 from .lowdim import (
     FDistillConfig,
@@ -181,10 +190,8 @@ def degradation_step(deg: DegradationState, student: OneStepGenerator, problem: 
         x_t, eps = noised(problem.schedule, x0, t, g)
         score = problem.score(runtime.train_view(deg.score))
         loss, _ = dsm_loss(score, problem.schedule, x0, x_t, eps, t, class_labels=labels)
-    loss.backward()
-    if base.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(deg.score.parameters(), base.max_grad_norm)
-    deg.optimizer.step()
+    backward(loss, runtime.scaler)
+    clip_and_step([(deg.score, deg.optimizer)], base.max_grad_norm, runtime.scaler)
     deg.optimizer.zero_grad(set_to_none=True)
     check_finite({"degradation_dsm_loss": loss.item()}, deg.step)
     deg.step += 1
@@ -350,7 +357,7 @@ def run_degradation(deg: DegradationState, config: DisBackConfig, problem: LowDi
         if runtime.is_main and deg.step % config.node_interval == 0:
             save_node(deg.score, nodes_dir, deg.step // config.node_interval)
         if config.base.checkpointing_steps and deg.step % config.base.checkpointing_steps == 0 and runtime.is_main:
-            write_checkpoint(output_dir, deg.step, _payload(config, 1, degradation=deg.state_dict()),
+            write_checkpoint(output_dir, deg.step, runtime.with_scaler(_payload(config, 1, degradation=deg.state_dict())),
                              config.base.checkpoints_total_limit)
     bar.close()
     runtime.barrier()
@@ -381,8 +388,8 @@ def run_backtracking(state: FDistillState, tracker: Backtracker, config: DisBack
             on_step(state)
         global_step = offset + state.step
         if base.checkpointing_steps and global_step % base.checkpointing_steps == 0 and runtime.is_main:
-            write_checkpoint(output_dir, global_step, _payload(config, 2, state=state.state_dict(),
-                                                                backtrack=tracker.state_dict()),
+            payload = _payload(config, 2, state=state.state_dict(), backtrack=tracker.state_dict())
+            write_checkpoint(output_dir, global_step, runtime.with_scaler(payload),
                              base.checkpoints_total_limit)
     bar.close()
     runtime.barrier()
@@ -435,6 +442,7 @@ def train_disback(config: DisBackConfig, problem: LowDimProblem, output_dir: str
     start, payload = time.perf_counter(), _load_resume(output_dir, resume_from)
     deg = DegradationState.build(config, problem.teacher_net)
     if payload is not None:
+        runtime.restore_scaler(payload)
         deg_state = payload["degradation"] if payload["stage"] == 1 else None
         if deg_state is not None:
             deg.load_state_dict(deg_state)

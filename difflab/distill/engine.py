@@ -25,6 +25,7 @@ import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +105,50 @@ def frozen(*modules: nn.Module | None) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 # Denoisers as the engine sees them
 # --------------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient steps, with float16 loss scaling when a scaler is given
+# --------------------------------------------------------------------------------------------
+
+
+def backward(loss: torch.Tensor, scaler: Any = None) -> None:
+    """``loss.backward()``; with a loss scaler (``torch.amp.GradScaler``, which accelerate makes for
+    ``mixed_precision="fp16"`` on a GPU) the scaled loss, so that small float16 gradients do not underflow."""
+    (loss if scaler is None else scaler.scale(loss)).backward()
+
+
+def clip_gradients(module: nn.Module, max_norm: float) -> float:
+    """The norm of ``module``'s gradients (parameters without one are left out), clipped to ``max_norm`` when it is
+    positive; 0 when no parameter has a gradient."""
+    params = [p for p in module.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+
+
+def clip_and_step(pairs: list[tuple[nn.Module, torch.optim.Optimizer]], max_norm: float,
+                  scaler: Any = None) -> list[float]:
+    """Clip each module's gradient norm to ``max_norm`` (0: no clipping) and step its optimizer; returns the norms.
+
+    With a loss scaler the gradients are unscaled first, a step whose gradients overflowed is skipped (its norm
+    is not finite), and the scale is updated once after all the steps, as accelerate does for float16.
+    """
+    if scaler is not None:
+        for _, optimizer in pairs:
+            scaler.unscale_(optimizer)
+    norms = [clip_gradients(module, max_norm) for module, _ in pairs]
+    for _, optimizer in pairs:
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+    if scaler is not None:
+        scaler.update()
+    return norms
+
 
 
 @dataclass

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -53,8 +54,11 @@ class Runtime:
     The default is a single plain process (no wrapping, float32). :meth:`from_accelerator` wraps modules
     with ``accelerator.prepare`` (DDP when several processes run) as they are registered, and every
     training iteration runs its forward passes (frozen teacher included) under ``accelerator.autocast()``:
-    bfloat16 with ``mixed_precision="bf16"``; the weights and optimizer states stay float32 (``prepare`` also
-    puts the trained modules' own forward under autocast, outputs cast back to float32).
+    bfloat16 with ``mixed_precision="bf16"``, float16 with ``"fp16"`` on a GPU; the weights and optimizer states
+    stay float32 (``prepare`` also puts the trained modules' own forward under autocast, outputs cast back to
+    float32). Under float16, ``scaler`` is accelerate's loss scaler: every backward pass goes through it
+    (:func:`~difflab.distill.engine.backward`, :func:`~difflab.distill.engine.clip_and_step`) and checkpoints
+    keep its scale (:meth:`with_scaler`, :meth:`restore_scaler`).
     """
 
     rank: int = 0
@@ -64,6 +68,7 @@ class Runtime:
     barrier: Callable[[], None] = _no_barrier
     autocast: Callable[[], AbstractContextManager] = nullcontext
     log: Callable[[dict, int], None] = _no_log  # statistics of a step to the experiment trackers (--report_to)
+    scaler: Any = None  # torch.amp.GradScaler under mixed_precision="fp16" (accelerator.scaler), else None
     wrapped: dict[int, nn.Module] = field(default_factory=dict)
 
     @classmethod
@@ -72,13 +77,16 @@ class Runtime:
         iterations under its autocast and logs to its trackers."""
         from ..tracking import scalars
 
-        if accelerator.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision={accelerator.mixed_precision!r}: these trainers call backward() "
-                             "without loss scaling, which float16 needs; use 'bf16' (no scaling needed) or 'no'.")
+        if accelerator.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision={accelerator.mixed_precision!r} is not supported by these trainers; "
+                             "use 'no', 'bf16' or 'fp16'.")
+        if accelerator.mixed_precision == "fp16" and accelerator.scaler is None and accelerator.is_main_process:
+            warnings.warn(f"mixed_precision='fp16' needs a GPU: accelerate runs this {accelerator.device.type} process "
+                          "in float32. Use 'bf16' for reduced precision on the CPU.", stacklevel=2)
         return cls(rank=accelerator.process_index, num_processes=accelerator.num_processes,
                    is_main=accelerator.is_main_process, prepare=accelerator.prepare,
                    barrier=accelerator.wait_for_everyone, autocast=accelerator.autocast,
-                   log=lambda values, step: accelerator.log(scalars(values), step=step))
+                   log=lambda values, step: accelerator.log(scalars(values), step=step), scaler=accelerator.scaler)
 
     def register(self, *modules: nn.Module) -> None:
         """Wrap each module for training (idempotent); the wrapper keeps ``FORWARDED_ATTRIBUTES``."""
@@ -91,6 +99,16 @@ class Runtime:
                     if hasattr(module, name):
                         setattr(wrapper, name, getattr(module, name))
             self.wrapped[id(module)] = wrapper
+
+    def with_scaler(self, payload: dict) -> dict:
+        """A checkpoint payload with the float16 loss scale added (unchanged without a scaler)."""
+        return payload if self.scaler is None else {**payload, "scaler": self.scaler.state_dict()}
+
+    def restore_scaler(self, payload: dict) -> None:
+        """Resume the loss scale of a checkpoint written under the same precision (a run resumed under another
+        precision starts a fresh scale; ``run_settings.json`` reports the change)."""
+        if self.scaler is not None and "scaler" in payload:
+            self.scaler.load_state_dict(payload["scaler"])
 
     def train_view(self, module: nn.Module) -> nn.Module:
         """The module to call when it is being trained: its wrapper, or itself."""
@@ -107,10 +125,11 @@ def fdistill_iteration(state: FDistillState, problem: LowDimProblem, config: FDi
     g = step_generator(config.seed, state.step, runtime.rank)
     with runtime.autocast():
         if config.is_generator_step(state.step):
-            stats = generator_step(replace(state, generator=runtime.train_view(state.generator)), problem, config, g)
+            stats = generator_step(replace(state, generator=runtime.train_view(state.generator)), problem, config, g,
+                                   runtime.scaler)
         else:
             view = replace(state, fake=runtime.train_view(state.fake), head=runtime.train_view(state.head))
-            stats = critic_step(view, problem, config, g)
+            stats = critic_step(view, problem, config, g, runtime.scaler)
     check_finite(stats, state.step)
     state.step += 1
     return stats

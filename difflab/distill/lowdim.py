@@ -23,6 +23,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +34,8 @@ from ..schedule import NoiseSchedule
 from .engine import (
     EMA,
     ScoreModel,
+    backward,
+    clip_and_step,
     dsm_loss,
     frozen,
     gan_discriminator_loss,
@@ -239,8 +242,10 @@ def _features(problem: LowDimProblem, config: FDistillConfig, x_t: torch.Tensor,
     return problem.teacher_features(x_t, t, labels)
 
 
-def critic_step(state: FDistillState, problem: LowDimProblem, config: FDistillConfig, g: torch.Generator) -> dict:
-    """Fake-score DSM on generator samples plus the discriminator's logistic loss; steps both."""
+def critic_step(state: FDistillState, problem: LowDimProblem, config: FDistillConfig, g: torch.Generator,
+                scaler: Any = None) -> dict:
+    """Fake-score DSM on generator samples plus the discriminator's logistic loss; steps both (``scaler``: the
+    float16 loss scaler, :func:`~difflab.distill.engine.clip_and_step`)."""
     sched, n, on_fake = problem.schedule, config.batch_size, config.head_features == "fake"
     z, labels = problem.draw_noise(n, g)
     with torch.no_grad():
@@ -257,13 +262,14 @@ def critic_step(state: FDistillState, problem: LowDimProblem, config: FDistillCo
     logits_real = state.head(_features(problem, config, x_t_real, t_real, labels_real, feats_real))
     disc = gan_discriminator_loss(logits_fake, logits_real)
     loss = dsm + config.disc_weight * disc
-    loss.backward()
-    _clip_and_step(config, (state.fake, state.opt_fake), (state.head, state.opt_head))
+    backward(loss, scaler)
+    _clip_and_step(config, [(state.fake, state.opt_fake), (state.head, state.opt_head)], scaler)
     acc = 0.5 * ((logits_fake < 0).float().mean() + (logits_real > 0).float().mean())
     return {"dsm_loss": dsm.item(), "disc_loss": disc.item(), "disc_acc": acc.item()}
 
 
-def generator_step(state: FDistillState, problem: LowDimProblem, config: FDistillConfig, g: torch.Generator) -> dict:
+def generator_step(state: FDistillState, problem: LowDimProblem, config: FDistillConfig, g: torch.Generator,
+                   scaler: Any = None) -> dict:
     """The f-distill generator update (fake score and head frozen), then the EMA update."""
     sched, n = problem.schedule, config.batch_size
     fake = problem.score(state.fake)
@@ -279,19 +285,18 @@ def generator_step(state: FDistillState, problem: LowDimProblem, config: FDistil
         h, r = fdistill_weights(logits, t, config.divergence, state.normalizer, config.logit_clamp,
                                 config.ratio_range, config.normalize_h)
         loss, stats = generator_loss(x0, x0_teacher, x0_fake.detach(), logits, h, config.gan_weight)
-        loss.backward()
-    _clip_and_step(config, (state.generator, state.opt_generator))
+        backward(loss, scaler)
+    _clip_and_step(config, [(state.generator, state.opt_generator)], scaler)
     state.fake.zero_grad(set_to_none=True)
     state.head.zero_grad(set_to_none=True)
     state.ema.update(state.generator)
     return {**stats, "r_mean": float(r.mean()), "h_max": float(h.max())}
 
 
-def _clip_and_step(config: FDistillConfig, *pairs: tuple[nn.Module, torch.optim.Optimizer]) -> None:
-    for module, opt in pairs:
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm)
-        opt.step()
+def _clip_and_step(config: FDistillConfig, pairs: list[tuple[nn.Module, torch.optim.Optimizer]],
+                   scaler: Any = None) -> None:
+    clip_and_step(pairs, config.max_grad_norm, scaler)
+    for _, opt in pairs:
         opt.zero_grad(set_to_none=True)
 
 

@@ -28,7 +28,7 @@ Data and teacher, one of:
 
 Conventions of the diffusers ``examples/`` trainers: ``--output_dir``, ``--max_train_steps``,
 ``--checkpointing_steps``, ``--resume_from_checkpoint latest``, ``--seed``, ``--mixed_precision`` (``bf16``:
-bfloat16 autocast of the training forward passes; fp16 is refused, there is no loss scaling), ``--report_to``
+bfloat16 autocast of the training forward passes; ``fp16``: float16 autocast with loss scaling), ``--report_to``
 (losses and validation metrics to accelerate's trackers, e.g. tensorboard under ``output_dir/logs``);
 an ``Accelerator`` whose ``prepare`` wraps the trained networks (gradients all-reduced across
 processes), the f-distill normalizations all-reduced by :func:`~difflab.distill.engine.global_sum`.
@@ -130,8 +130,8 @@ def add_arguments(parser: argparse.ArgumentParser, method: str) -> argparse.Argu
     add("--resume_from_checkpoint", default=None,
         help="A checkpoint-N directory, or 'latest' for the newest one in --output_dir.")
     add("--mixed_precision", choices=("no", "bf16", "fp16"), default="no",
-        help="bf16: forward passes of training under bfloat16 autocast (weights and optimizer states stay "
-             "float32). fp16 is refused: it needs loss scaling, which this trainer does not do.")
+        help="bf16: forward passes of training under bfloat16 autocast; fp16: under float16 autocast with dynamic "
+             "loss scaling (a GPU; on the CPU accelerate keeps float32). Weights and optimizer states stay float32.")
     add("--stop_after_steps", type=int, default=None,
         help="Stop after this global step without writing the result, as if killed (resume later).")
     add_tracking_arguments(parser)
@@ -254,7 +254,8 @@ def run_settings(args: argparse.Namespace, config) -> dict[str, Any]:
     for key in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit"):
         base.pop(key, None)
     run = {k: getattr(args, k, None) for k in ("method", "model", "init_generator", "train_data_dir", "guidance_scale",
-                                             "resolution", "mixture", "dim", "num_modes", "teacher_steps")}
+                                             "resolution", "mixed_precision", "mixture", "dim", "num_modes",
+                                             "teacher_steps")}
     return json.loads(json.dumps({**run, "generator_timestep": args.generator_timestep, **hyper}))
 
 
@@ -404,6 +405,7 @@ def _train_fdistill(config, problem, output_dir: Path, resume, stop: int, runtim
         if payload.get("method", "f-distill") != "f-distill":
             raise ValueError(f"{resume} is a {payload['method']} checkpoint, not an f-distill one; use a fresh --output_dir.")
         state.load_state_dict(payload["state"])
+        runtime.restore_scaler(payload)
     runtime.register(state.generator, state.fake, state.head)
     bar = tqdm(total=config.max_train_steps, initial=state.step, desc=f"f-distill {config.divergence}",
                disable=not (progress and runtime.is_main))
@@ -421,8 +423,8 @@ def _train_fdistill(config, problem, output_dir: Path, resume, stop: int, runtim
         if on_step is not None:
             on_step(state)
         if state.step % config.checkpointing_steps == 0 and runtime.is_main:
-            write_checkpoint(output_dir, state.step, {"method": "f-distill", "config": asdict(config),
-                                                      "state": state.state_dict()}, config.checkpoints_total_limit)
+            payload = {"method": "f-distill", "config": asdict(config), "state": state.state_dict()}
+            write_checkpoint(output_dir, state.step, runtime.with_scaler(payload), config.checkpoints_total_limit)
         if state.step % config.checkpointing_steps == 0:
             runtime.barrier()
     bar.close()
