@@ -409,9 +409,8 @@ def evaluate_digits_policy(problem: AlignProblem, net: nn.Module, steps: int, nu
 def pipeline_problem(pipeline: Any, reward: Reward, prompts: list[str] | None = None, eval_samples: int = 64,
                      name: str = "the pipeline", resolution: int | None = None) -> AlignProblem:
     """A diffusers pipeline with a ``UNet2DModel`` (unconditional: DDPMPipeline), a ``UNet2DConditionModel``
-    (Stable Diffusion 1.x / 2.x, or XL at its default resolution), an ``SD3Transformer2DModel`` (Stable
-    Diffusion 3) or a
-    ``FluxTransformer2DModel`` (Flux, at ``resolution`` pixels: default the pipeline's own); text pipelines need
+    (Stable Diffusion 1.x / 2.x / XL), an ``SD3Transformer2DModel`` (Stable Diffusion 3) or a
+    ``FluxTransformer2DModel`` (Flux); SDXL and Flux at ``resolution`` pixels (default: their own); text pipelines need
     ``prompts``, encoded once, which the groups take in turn. Rollouts run in the denoiser's (latent; for Flux
     packed) space with the pipeline's own scheduler; the reward sees VAE-decoded images in [-1, 1] and the
     prompts."""

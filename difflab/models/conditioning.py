@@ -226,7 +226,13 @@ def default_resolution(pipeline: Any) -> int:
     """The image side in pixels that the pipeline samples at by default."""
     if is_flux_pipeline(pipeline):
         return pipeline.default_sample_size * pipeline.vae_scale_factor
-    return getattr(pipeline, denoiser_component(pipeline)).config.sample_size * ModelSpace(pipeline, 0).scale
+    return getattr(pipeline, denoiser_component(pipeline)).config.sample_size * latent_scale(pipeline)
+
+
+def latent_scale(pipeline: Any) -> int:
+    """Pixels per latent of the pipeline's VAE (1 for a pixel-space pipeline)."""
+    vae = getattr(pipeline, "vae", None)
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def checked_resolution(pipeline: Any, resolution: int | None, name: str = "the pipeline") -> int:
@@ -257,13 +263,8 @@ class ModelSpace:
         denoiser = getattr(self.pipeline, denoiser_component(self.pipeline))
         if self.packed:
             return ((flux_latent_size(self.pipeline, self.resolution) // 2) ** 2, denoiser.config.in_channels)
-        size = self.resolution // self.scale
+        size = self.resolution // latent_scale(self.pipeline)
         return (denoiser.config.in_channels, size, size)
-
-    @property
-    def scale(self) -> int:
-        """Pixels per latent (1 without a VAE)."""
-        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def image_channels(self) -> int:
