@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import warnings
+import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -81,8 +81,8 @@ class Runtime:
             raise ValueError(f"mixed_precision={accelerator.mixed_precision!r} is not supported by these trainers; "
                              "use 'no', 'bf16' or 'fp16'.")
         if accelerator.mixed_precision == "fp16" and accelerator.scaler is None and accelerator.is_main_process:
-            warnings.warn(f"mixed_precision='fp16' needs a GPU: accelerate runs this {accelerator.device.type} process "
-                          "in float32. Use 'bf16' for reduced precision on the CPU.", stacklevel=2)
+            print(f"Warning: mixed_precision='fp16' needs a GPU: accelerate runs this {accelerator.device.type} "
+                  "process in float32. Use 'bf16' for reduced precision on the CPU.", file=sys.stderr)
         return cls(rank=accelerator.process_index, num_processes=accelerator.num_processes,
                    is_main=accelerator.is_main_process, prepare=accelerator.prepare,
                    barrier=accelerator.wait_for_everyone, autocast=accelerator.autocast,
