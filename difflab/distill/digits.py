@@ -53,12 +53,15 @@ def feature_block(network: nn.Module) -> nn.Module:
 
 def unet_mid_features(module: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
                       **cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(denoiser output, flattened activations of its :func:`feature_block`) of one call: the discriminator head's
-    input. A transformer block returns (text stream, image stream); the image stream is taken."""
+    """(denoiser output, activations of its :func:`feature_block`) of one call: the discriminator head's input.
+
+    A UNet's mid-block activations are flattened. A transformer block returns (text stream, image stream); its
+    image tokens are averaged: flattened, SD3's 4096 tokens x 1536 at 1024 px would make a head of 400M weights.
+    """
     captured: dict[str, torch.Tensor] = {}
 
     def keep(_module, _inputs, out):
-        captured["h"] = out[-1] if isinstance(out, tuple) else out
+        captured["h"] = out[-1].mean(dim=1) if isinstance(out, tuple) else out
 
     handle = feature_block(inner_module(module)).register_forward_hook(keep)
     try:

@@ -84,6 +84,16 @@ def test_text_problem_holds_latents_and_prompt_indices(data):
     assert problem.teacher_net.prompt_embeds.shape[0] == 4  # the prompts and the empty prompt (null label)
 
 
+def test_transformer_features_are_the_middle_blocks_mean_image_token(data):
+    """The discriminator head of an SD3 / Flux teacher reads the middle block's image tokens, averaged: its
+    width is the transformer's, whatever the resolution (a UNet's mid block stays flattened)."""
+    for make, resolution in ((tiny_sd3_pipeline, None), (tiny_flux_pipeline, 32)):
+        pipe = make()
+        problem = pipeline_distill_problem(pipe, data / "captioned", resolution=resolution)
+        config = pipe.transformer.config
+        assert problem.feature_dim == config.num_attention_heads * config.attention_head_dim
+
+
 def test_unconditional_ddpm_student_is_a_one_step_ddpm_pipeline(data, tmp_path):
     _distill("f-distill", data / "ddpm", data / "plain", tmp_path)
     for name in ("samples.png", "validation-2.png", "train_summary.json", "model_index.json"):
