@@ -211,8 +211,8 @@ def denoiser_component(pipeline: Any) -> str:
 
 def prompt_conditioned(pipeline: Any, prompts: list[str], resolution: int | None = None) -> PromptTable:
     """The text pipeline's denoiser behind tables of the prompts' embeddings by its own ``encode_prompt`` (the
-    empty prompt as the extra last row, the null label): Stable Diffusion 1.x / 2.x / 3, or XL and Flux at
-    ``resolution`` pixels (default: their own)."""
+    unconditional input as the extra last row, the null label): Stable Diffusion 1.x / 2.x / 3, or XL and Flux
+    at ``resolution`` pixels (default: their own)."""
     if is_flux_pipeline(pipeline):
         return prompt_conditioned_flux(pipeline, prompts, resolution or default_resolution(pipeline))
     if is_sd3_pipeline(pipeline):
@@ -243,9 +243,11 @@ def checked_resolution(pipeline: Any, resolution: int | None, name: str = "the p
     if not (is_flux_pipeline(pipeline) or is_sdxl_pipeline(pipeline)):
         raise ValueError(f"--resolution applies to SDXL and Flux pipelines; {name} samples at its denoiser's "
                          "sample_size.")
-    if is_sdxl_pipeline(pipeline) and (resolution <= 0 or resolution % pipeline.vae_scale_factor):
-        raise ValueError(f"--resolution {resolution} must be a positive multiple of {pipeline.vae_scale_factor} for "
-                         f"{name} (its VAE downsamples {pipeline.vae_scale_factor}x).")
+    multiple = pipeline.vae_scale_factor * (2 if is_flux_pipeline(pipeline) else 1)  # Flux packs latents 2x2
+    if resolution <= 0 or resolution % multiple:
+        raise ValueError(f"--resolution {resolution} must be a positive multiple of {multiple} for {name} (its VAE "
+                         f"downsamples {pipeline.vae_scale_factor}x" + (" and latents are packed 2x2)." if
+                                                                         is_flux_pipeline(pipeline) else ")."))
     return int(resolution)
 
 

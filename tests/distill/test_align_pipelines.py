@@ -230,7 +230,7 @@ def test_pipeline_alignment_errors_are_messages(saved, tmp_path, capsys):
              (["--model", str(saved / "sd"), "--prompts", str(tmp_path / "none.txt")], "does not exist"),
              (["--model", "digits-flow", "--prompts", "a cat"], "take --label"),
              (["--model", str(saved / "sd"), "--prompts", "a cat", "--resolution", "64"], "applies to SDXL and Flux"),
-             (["--model", str(saved / "flux"), "--prompts", "a cat", "--resolution", "1"], "too small")]
+             (["--model", str(saved / "flux"), "--prompts", "a cat", "--resolution", "1"], "positive multiple of 2")]
     for flags, message in cases:
         with pytest.raises(SystemExit):
             main(["align", "awm", "--output_dir", str(tmp_path / "x"), "--max_train_steps", "1", *flags, *SMALL])
